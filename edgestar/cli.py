@@ -1,0 +1,204 @@
+"""The ``edgestar`` command line: argument parsing and error translation only.
+
+Every command maps its options onto one library call. Domain errors (``EdgestarError``) become
+one-line messages here, in ``main``; input errors exit with code 2, stage failures with 1.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import EdgestarError
+from .models import DOWNSAMPLE_FACTOR, VARIANTS
+
+
+class ImageSize(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        try:
+            size = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not an integer", param, ctx)
+        if size < DOWNSAMPLE_FACTOR or size % DOWNSAMPLE_FACTOR:
+            self.fail(f"{size} is not a positive multiple of {DOWNSAMPLE_FACTOR}", param, ctx)
+        return size
+
+
+class FormatList(click.ParamType):
+    """Comma-separated extra formats, e.g. ``fp16,dynamic``."""
+
+    name = "LIST"
+    choices = ("fp16", "dynamic")
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        items = [v.strip() for v in str(value).split(",") if v.strip()]
+        bad = [v for v in items if v not in self.choices]
+        if bad:
+            self.fail(f"unknown format {bad[0]!r}; choose from {', '.join(self.choices)}", param, ctx)
+        return tuple(dict.fromkeys(items))
+
+
+def variant_option(f):
+    return click.option("--variant", required=True, type=click.Choice(list(VARIANTS)),
+                        help="StarNet variant.")(f)
+
+
+def quiet_option(f):
+    return click.option("-q", "--quiet", is_flag=True, help="No progress bars or log lines.")(f)
+
+
+def progress_factory(quiet: bool):
+    if quiet:
+        return None
+    from tqdm import tqdm
+
+    def make(total, desc):
+        return tqdm(total=total, desc=desc, unit="img" if "images" in desc else "it",
+                    leave=False, file=sys.stderr, dynamic_ncols=True)
+    return make
+
+
+class DomainError(click.ClickException):
+    """A domain error shown as ``Error: <message>`` with the error's own exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class EdgestarGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EdgestarError as exc:
+            raise DomainError(str(exc), exc.exit_code) from None
+
+
+@click.group(cls=EdgestarGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgestar")
+def cli():
+    """StarNet from a PyTorch checkpoint to a validated INT8 TFLite model, offline."""
+
+
+@cli.command()
+@variant_option
+@click.option("--data", required=True, metavar="DIR|demo",
+              help="Image folder with one sub-folder per class; 'demo' = the shipped demo set.")
+@click.option("--val", metavar="DIR|demo", default=None,
+              help="Held-out image folder to report top-1 on after each epoch.")
+@click.option("--img-size", type=ImageSize(), default=32, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.05, show_default=True)
+@click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Resize to img_size/crop_pct, then center crop (1.0 = resize only).")
+@click.option("--weights", default="none", show_default=True, metavar="none|official|demo|PATH",
+              help="Initial weights to fine-tune from.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--half", is_flag=True, help="Store the checkpoint in half precision.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, hidden=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Checkpoint file to write [default: runs/<variant>-train-<time>/model.pt].")
+@quiet_option
+def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, drop_path,
+          crop_pct, weights, seed, half, max_steps, out, quiet):
+    """Train or fine-tune StarNet on an image folder."""
+    from .data import demo_split
+    from .train import TrainConfig, train as run_train
+
+    if data == "demo":
+        data = str(demo_split("calib"))
+        val = val or "demo"
+    if val == "demo":
+        val = str(demo_split("eval"))
+    out = Path(out) if out else Path("runs") / f"{variant}-train-{_timestamp()}" / "model.pt"
+    _check_writable(out.parent)
+    cfg = TrainConfig(variant=variant, img_size=img_size, epochs=epochs, batch_size=batch_size,
+                      lr=lr, weight_decay=weight_decay, drop_path_rate=drop_path, seed=seed,
+                      crop_pct=crop_pct, max_steps=max_steps)
+    log = (lambda *_: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    summary = run_train(cfg, data=data, out=out, val=val, weights=weights, half=half,
+                        progress_factory=progress_factory(quiet), log=log)
+    top1 = summary["val_top1"]
+    click.echo(f"wrote {out}" + (f" (held-out top-1 {top1:.4f})" if top1 is not None else ""))
+
+
+@cli.command()
+@variant_option
+@click.option("--weights", default="official", show_default=True, metavar="official|demo|none|PATH",
+              help="official: the release checkpoint (s1-s4, downloaded once into $EDGESTAR_CACHE); "
+                   "demo: the shipped CIFAR-10 model; none: random init; or a checkpoint file.")
+@click.option("--num-classes", type=click.IntRange(min=1), default=None,
+              help="Classifier size [default: from the checkpoint].")
+@click.option("--img-size", type=ImageSize(), default=None,
+              help="Input resolution, a multiple of 32 [default: the checkpoint's, else 224].")
+@click.option("--calib", default="demo", show_default=True, metavar="DIR|FILE.npy|demo",
+              help="Calibration images: a folder (searched recursively), a .npy array, or the demo set.")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--eval", "eval_", default=None, metavar="DIR|demo",
+              help="Labelled evaluation folder (one sub-folder per class) [default: the demo set].")
+@click.option("--eval-samples", type=click.IntRange(min=1), default=None,
+              help="Evaluate on a fixed random subset of this many images [default: all].")
+@click.option("--io", "io_type", type=click.Choice(["int8", "uint8", "float"]), default="int8",
+              show_default=True, help="Input/output type of the INT8 model.")
+@click.option("--formats", type=FormatList(), default="", metavar="fp16,dynamic",
+              help="Extra formats to build besides FP32 and INT8.")
+@click.option("--max-drop", type=click.FloatRange(min=0), default=None, metavar="POINTS",
+              help="Exit with code 1 when INT8 top-1 falls more than this many points below "
+                   "PyTorch FP32 (the report is still written).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run directory to create [default: runs/<variant>-<time>].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sample selection.")
+@click.option("--unsafe-allow-pickle", is_flag=True,
+              help="Load a checkpoint that needs arbitrary pickled code. ONLY for files you trust: "
+                   "unpickling can run any code.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout at the end.")
+@quiet_option
+def quantize(variant, weights, num_classes, img_size, calib, calib_samples, eval_, eval_samples,
+             io_type, formats, max_drop, out, seed, unsafe_allow_pickle, as_json, quiet):
+    """Convert a StarNet checkpoint to validated FP32 and INT8 TFLite models."""
+    from .pipeline import QuantizeConfig, quantize as run_quantize
+    from .report import summary_table
+
+    config = QuantizeConfig(
+        variant=variant, weights=weights, num_classes=num_classes, img_size=img_size,
+        calib=calib, calib_samples=calib_samples, eval=eval_, eval_samples=eval_samples,
+        io_type=io_type, formats=tuple(formats), max_drop=max_drop,
+        out=Path(out) if out else None, allow_pickle=unsafe_allow_pickle, seed=seed)
+    log = (lambda *_: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    result = run_quantize(config, progress_factory=progress_factory(quiet), log=log)
+    if not quiet or not as_json:
+        click.echo(summary_table(result.manifest, result.out), err=as_json)
+        for note in result.notes:
+            click.echo(f"note: {note}", err=as_json)
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+    if not result.passed:
+        drop = result.manifest["gate"]["int8_top1_drop_pt"]
+        click.echo(f"Error: INT8 top-1 drop {drop:.2f} points exceeds --max-drop {max_drop}; "
+                   f"report written to {result.out}", err=True)
+        sys.exit(1)
+
+
+def _timestamp() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _check_writable(directory: Path) -> None:
+    from .rundir import ensure_writable_dir
+
+    ensure_writable_dir(directory)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,159 @@
+"""ONNX -> TFLite (float32, full-integer INT8, optionally float16 and dynamic-range).
+
+Route: onnx2tf builds the Keras graph (NHWC) from the ONNX file, then TensorFlow's TFLite
+converter writes each requested format, with builtin ops only, so an op TFLite cannot lower
+fails the conversion instead of silently becoming a Flex op. INT8 is calibrated here on our
+own calibration inputs (onnx2tf would drop QDQ scales anyway).
+
+TensorFlow runs in a subprocess (``python -m edgestar.convert SPEC.json``): onnx2tf exits with
+``sys.exit``, logs heavily and holds ~1 GB; none of that should reach the caller. The worker
+runs in a private working directory holding
+``calibration_image_sample_data_20x128x128x3_float32.npy`` made from our images, because
+onnx2tf otherwise downloads that file on every conversion, and on a private copy of the ONNX
+file, because onnx2tf rewrites its input in place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import StageError
+from .rundir import temp_path_for
+
+FORMATS = ("fp32", "int8", "fp16", "dynamic")
+IO_TYPES = ("int8", "uint8", "float")
+ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
+
+
+def convert(onnx_path: Path, outputs: dict[str, Path], *, calibration: np.ndarray,
+            io_type: str, metadata: dict, log_path: Path, mean, std) -> dict:
+    """Build every format in ``outputs`` (format -> final path) from ``onnx_path``.
+
+    ``calibration`` holds float32 NCHW preprocessed inputs; it drives INT8 calibration and
+    provides onnx2tf's sample images. Returns per-format details (ops, seconds).
+    Raises StageError, naming the log, when anything expected was not produced.
+    """
+    unknown = set(outputs) - set(FORMATS)
+    if unknown:
+        raise ValueError(f"unknown formats {sorted(unknown)}")
+    if io_type not in IO_TYPES:
+        raise ValueError(f"unknown io type {io_type}")
+    with tempfile.TemporaryDirectory(prefix="edgestar-convert-") as work:
+        work = Path(work)
+        shutil.copyfile(onnx_path, work / "model.onnx")
+        np.save(work / "calibration.npy", calibration.transpose(0, 2, 3, 1).astype(np.float32))
+        pixels = calibration.transpose(0, 2, 3, 1) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
+        np.save(work / ONNX2TF_SAMPLE, np.clip(pixels[:20], 0.0, 1.0).astype(np.float32))
+        spec = {
+            "onnx": str(work / "model.onnx"),
+            "calibration": str(work / "calibration.npy"),
+            "outputs": {fmt: str(Path(p).resolve()) for fmt, p in outputs.items()},
+            "io_type": io_type,
+            "metadata": metadata,
+            "result": str(work / "result.json"),
+        }
+        (work / "spec.json").write_text(json.dumps(spec))
+        env = dict(os.environ)
+        # onnx2tf runs onnxsim from PATH; make sure our interpreter's scripts are found first.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        env["CUDA_VISIBLE_DEVICES"] = "-1"
+        with open(log_path, "wb") as log:
+            proc = subprocess.run([sys.executable, "-m", "edgestar.convert", str(work / "spec.json")],
+                                  cwd=work, stdout=log, stderr=subprocess.STDOUT, env=env)
+        result_file = work / "result.json"
+        result = json.loads(result_file.read_text()) if result_file.exists() else None
+    if proc.returncode != 0 or result is None or result.get("error"):
+        reason = (result or {}).get("error") or f"converter exited with code {proc.returncode}"
+        raise StageError(f"TFLite conversion failed: {reason} (log: {log_path})")
+    missing = [fmt for fmt, p in outputs.items() if not Path(p).is_file()]
+    if missing:
+        raise StageError(f"TFLite conversion did not produce {', '.join(missing)} (log: {log_path})")
+    return result["formats"]
+
+
+# --------------------------------------------------------------------------- worker side
+
+def _worker(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    result: dict = {"formats": {}}
+    try:
+        keras_model, seconds = _onnx_to_keras(spec["onnx"])
+        result["onnx2tf_seconds"] = seconds
+        calibration = np.load(spec["calibration"])
+        for fmt, out in spec["outputs"].items():
+            t0 = time.perf_counter()
+            model = _to_tflite(keras_model, fmt, calibration, spec["io_type"])
+            _write_with_metadata(model, Path(out), {**spec["metadata"], "format": fmt,
+                                                    "io_type": spec["io_type"] if fmt == "int8" else "float"})
+            result["formats"][fmt] = {"seconds": round(time.perf_counter() - t0, 3)}
+    except SystemExit as exc:  # onnx2tf reports errors this way
+        result["error"] = f"onnx2tf stopped (exit code {exc.code}); see the log for its message"
+    except Exception as exc:  # anything TensorFlow raises: report one line, full trace in log
+        import traceback
+
+        traceback.print_exc()
+        result["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    Path(spec["result"]).write_text(json.dumps(result))
+    return 0 if "error" not in result else 1
+
+
+def _onnx_to_keras(onnx_path: str):
+    import onnx2tf
+
+    t0 = time.perf_counter()
+    model = onnx2tf.convert(
+        input_onnx_file_path=onnx_path,
+        output_folder_path=str(Path(onnx_path).parent / "saved_model"),
+        output_signaturedefs=True,
+        copy_onnx_input_output_names_to_tflite=True,
+        disable_model_save=True,
+        not_use_onnxsim=True,
+        verbosity="warn",
+    )
+    return model, round(time.perf_counter() - t0, 3)
+
+
+def _to_tflite(keras_model, fmt: str, calibration: np.ndarray, io_type: str) -> bytes:
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(keras_model)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if fmt == "fp16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif fmt == "dynamic":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    elif fmt == "int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+
+        def representative_dataset():
+            for i in range(len(calibration)):
+                yield [calibration[i:i + 1]]
+
+        converter.representative_dataset = representative_dataset
+        io_dtype = {"int8": tf.int8, "uint8": tf.uint8, "float": tf.float32}[io_type]
+        converter.inference_input_type = io_dtype
+        converter.inference_output_type = io_dtype
+    return converter.convert()
+
+
+def _write_with_metadata(model: bytes, path: Path, metadata: dict) -> None:
+    from .tflite_file import add_metadata
+
+    tmp = temp_path_for(path)
+    tmp.write_bytes(add_metadata(model, metadata))
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1]))

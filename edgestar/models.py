@@ -1,0 +1,203 @@
+"""StarNet ("Rewrite the Stars", CVPR 2024): the variants, a registry and exact BN folding.
+
+Module names follow the official implementation exactly (``stem.0.conv``, ``stages.i.j.f1.conv``,
+``norm``, ``head`` ...) so the release checkpoints load with strict key matching.
+Checkpoint reading lives in :mod:`edgestar.checkpoints`.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    name: str
+    base_dim: int
+    depths: tuple[int, ...]
+    mlp_ratio: int
+    official_url: str | None = None
+
+
+_RELEASE = "https://github.com/ma-xu/Rewrite-the-Stars/releases/download/checkpoints_v1"
+
+VARIANTS: dict[str, VariantSpec] = {
+    spec.name: spec
+    for spec in (
+        VariantSpec("s050", 16, (1, 1, 3, 1), 3),
+        VariantSpec("s100", 20, (1, 2, 4, 1), 4),
+        VariantSpec("s150", 24, (1, 2, 4, 2), 3),
+        VariantSpec("s1", 24, (2, 2, 8, 3), 4, f"{_RELEASE}/starnet_s1.pth.tar"),
+        VariantSpec("s2", 32, (1, 2, 6, 2), 4, f"{_RELEASE}/starnet_s2.pth.tar"),
+        VariantSpec("s3", 32, (2, 2, 8, 4), 4, f"{_RELEASE}/starnet_s3.pth.tar"),
+        VariantSpec("s4", 32, (3, 3, 12, 5), 4, f"{_RELEASE}/starnet_s4.pth.tar"),
+    )
+}
+
+STEM_CHANNELS = 32
+DOWNSAMPLE_FACTOR = 32  # stem + four stride-2 downsamplers
+
+
+def get_variant(name: str) -> VariantSpec:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise InputError(
+            f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}"
+        ) from None
+
+
+def check_img_size(img_size: int) -> int:
+    if img_size < DOWNSAMPLE_FACTOR or img_size % DOWNSAMPLE_FACTOR:
+        raise InputError(
+            f"image size {img_size} is not a positive multiple of {DOWNSAMPLE_FACTOR} "
+            "(StarNet downsamples by 32)"
+        )
+    return img_size
+
+
+class ConvBN(nn.Sequential):
+    """Conv2d optionally followed by BatchNorm2d, named ``conv`` / ``bn`` as upstream."""
+
+    def __init__(self, cin, cout, kernel_size=1, stride=1, padding=0, groups=1, with_bn=True):
+        super().__init__()
+        self.add_module("conv", nn.Conv2d(cin, cout, kernel_size, stride, padding, groups=groups))
+        if with_bn:
+            bn = nn.BatchNorm2d(cout)
+            nn.init.ones_(bn.weight)
+            nn.init.zeros_(bn.bias)
+            self.add_module("bn", bn)
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the residual branch per sample with probability ``p``."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class Block(nn.Module):
+    """dwconv7x7+BN -> (ReLU6(f1) * f2) -> g(+BN) -> dwconv7x7 -> residual add."""
+
+    def __init__(self, dim: int, mlp_ratio: int, drop_path_rate: float = 0.0):
+        super().__init__()
+        hidden = mlp_ratio * dim
+        self.dwconv = ConvBN(dim, dim, 7, 1, 3, groups=dim, with_bn=True)
+        self.f1 = ConvBN(dim, hidden, 1, with_bn=False)
+        self.f2 = ConvBN(dim, hidden, 1, with_bn=False)
+        self.g = ConvBN(hidden, dim, 1, with_bn=True)
+        self.dwconv2 = ConvBN(dim, dim, 7, 1, 3, groups=dim, with_bn=False)
+        self.act = nn.ReLU6()
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x):
+        y = self.dwconv(x)
+        y = self.act(self.f1(y)) * self.f2(y)  # the "star" operation
+        y = self.dwconv2(self.g(y))
+        return x + drop_path(y, self.drop_path_rate, self.training)
+
+
+class StarNet(nn.Module):
+    def __init__(self, base_dim, depths, mlp_ratio, num_classes=1000, drop_path_rate=0.0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.stem = nn.Sequential(ConvBN(3, STEM_CHANNELS, 3, 2, 1), nn.ReLU6())
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        cin = STEM_CHANNELS
+        for i, depth in enumerate(depths):
+            dim = base_dim * 2**i
+            blocks = [Block(dim, mlp_ratio, rates.pop(0)) for _ in range(depth)]
+            self.stages.append(nn.Sequential(ConvBN(cin, dim, 3, 2, 1), *blocks))
+            cin = dim
+        self.norm = nn.BatchNorm2d(cin)
+        self.head = nn.Linear(cin, num_classes)
+        self.apply(_init_weights)
+
+    @property
+    def num_features(self) -> int:
+        return self.head.in_features
+
+    def forward_features(self, x):
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def forward(self, x):
+        x = self.norm(self.forward_features(x))
+        # Global average pool written as a mean: it exports as one ReduceMean.
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def create_model(variant: str, *, num_classes: int = 1000, drop_path_rate: float = 0.0) -> StarNet:
+    spec = get_variant(variant)
+    if num_classes < 1:
+        raise InputError(f"num-classes must be at least 1, got {num_classes}")
+    return StarNet(spec.base_dim, spec.depths, spec.mlp_ratio, num_classes, drop_path_rate)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- BN folding
+
+def _fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    fused = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+        conv.padding, conv.dilation, conv.groups, bias=True,
+    )
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+    fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+    return fused
+
+
+@torch.no_grad()
+def fold_batchnorms(model: StarNet) -> StarNet:
+    """Return an eval-mode copy with every BatchNorm folded away (outputs unchanged).
+
+    Conv+BN pairs become one conv with bias. The head BatchNorm sits before a global average
+    pool and a Linear; all three are affine, so it folds into the classifier:
+    ``W @ mean(s*x + t) + c == (W*s) @ mean(x) + (W @ t + c)``.
+    """
+    model = copy.deepcopy(model).eval()
+    for module in list(model.modules()):
+        if isinstance(module, ConvBN) and hasattr(module, "bn"):
+            fused = _fold_conv_bn(module.conv, module.bn)
+            del module.bn
+            module.conv = fused
+    bn = model.norm
+    if isinstance(bn, nn.BatchNorm2d):
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * scale
+        head = model.head
+        new_head = nn.Linear(head.in_features, head.out_features)
+        new_head.weight.copy_(head.weight * scale)
+        new_head.bias.copy_(head.bias + head.weight @ shift)
+        model.head = new_head
+        model.norm = nn.Identity()
+    return model
+
+
+def count_batchnorms(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

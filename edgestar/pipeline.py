@@ -1,0 +1,314 @@
+"""``quantize``: checkpoint -> folded model -> ONNX -> TFLite FP32/INT8 -> validated run directory.
+
+Stages run in order and each records its status, timing and measurements in the run's
+``manifest.json``. The accuracy gate (``max_drop``) is part of the API: the report is always
+written, and ``QuantizeResult.passed`` says whether the gate held.
+"""
+from __future__ import annotations
+
+import hashlib
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .checkpoints import build_model, sha256_file
+from .data import Preprocessing, calibration_inputs, evaluation_set
+from .errors import InputError, StageError
+from .export import export_onnx, max_abs_diff, onnx_op_counts
+from .models import check_img_size, count_batchnorms, count_params, fold_batchnorms
+from .rundir import RunDir
+
+DEMO_CLASSES = 10
+FOLD_TOLERANCE = 1e-4  # relative to the logit scale; folding is exact up to float rounding
+PARITY_TOLERANCE = 1e-3  # FP32 TFLite / ONNX vs PyTorch, absolute logits: beyond it the model is wrong
+
+TOOL_PACKAGES = ("torch", "tensorflow", "onnx", "onnx2tf", "onnxruntime", "ai-edge-litert", "numpy")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Everything ``quantize`` needs; mirrors the CLI options one to one."""
+
+    variant: str
+    weights: str = "official"
+    num_classes: int | None = None
+    img_size: int | None = None
+    calib: str = "demo"
+    calib_samples: int = 300
+    eval: str | None = None  # None: the demo evaluation set, used with labels if classes match
+    eval_samples: int | None = None
+    io_type: str = "int8"
+    formats: tuple[str, ...] = ()  # extra formats beyond fp32 and int8: "fp16", "dynamic"
+    max_drop: float | None = None
+    out: Path | None = None
+    allow_pickle: bool = False
+    seed: int = 0
+
+
+@dataclass
+class QuantizeResult:
+    config: QuantizeConfig
+    out: Path
+    manifest: dict
+    passed: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        m = self.manifest
+        return {
+            "variant": self.config.variant,
+            "img_size": m["model"]["img_size"],
+            "num_classes": m["model"]["num_classes"],
+            "out": str(self.out),
+            "status": m["status"],
+            "artifacts": {k: str(self.out / v["path"]) for k, v in m["artifacts"].items()},
+            "metrics": m["metrics"],
+            "timings_s": m["timings_s"],
+        }
+
+
+def tool_versions() -> dict:
+    versions = {"edgestar": __version__, "python": platform.python_version()}
+    for pkg in TOOL_PACKAGES:
+        try:
+            versions[pkg] = importlib_metadata.version(pkg)
+        except importlib_metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return versions
+
+
+def files_digest(paths, root: Path) -> str:
+    """sha256 over (relative path, file sha256) of every file used, in order."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(str(Path(p).relative_to(root)).encode() + b"\0" + sha256_file(p).encode() + b"\n")
+    return h.hexdigest()
+
+
+def default_out(variant: str) -> Path:
+    return Path("runs") / f"{variant}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def quantize(config: QuantizeConfig, *, progress_factory=None, log=None) -> QuantizeResult:
+    """Run the whole PTQ pipeline; see the module docstring. Input errors raise InputError
+    before any heavy work; stage failures raise StageError after recording them."""
+    log = log or (lambda msg: None)
+    _check_config(config)
+    t_start = time.perf_counter()
+    out = Path(config.out) if config.out else default_out(config.variant)
+    run = RunDir.create(out, tool="edgestar quantize", created=datetime.now(timezone.utc).isoformat(
+        timespec="seconds"), config=_config_dict(config), versions=tool_versions(), inputs={})
+    m = run.manifest
+    notes: list[str] = []
+
+    with run.stage("load"):
+        model, ckpt = build_model(config.variant, config.weights, num_classes=config.num_classes,
+                                  allow_pickle=config.allow_pickle)
+        pre = _preprocessing(config, ckpt)
+        class_names = ckpt.class_names if ckpt else None
+        m["inputs"]["weights"] = (
+            {"spec": config.weights, "path": ckpt.source, "sha256": sha256_file(ckpt.source)}
+            if ckpt else {"spec": "none", "note": "random initialisation"})
+        m["model"] = {"variant": config.variant, "num_classes": model.num_classes,
+                      "img_size": pre.img_size, "params": count_params(model),
+                      "class_names": class_names}
+        m["preprocessing"] = {**pre.to_dict(), "layout_torch": "NCHW", "layout_tflite": "NHWC",
+                              "input_range": "RGB scaled to [0, 1], then (x - mean) / std"}
+    log(f"loaded StarNet-{config.variant}: {model.num_classes} classes, {pre.img_size} px")
+
+    with run.stage("evaluation_data") as rec:
+        folder, labelled = _evaluation_folder(config, model.num_classes, class_names)
+        rec.update(source=str(folder.root), images=len(folder), labelled=labelled)
+        m["inputs"]["evaluation"] = {"source": str(folder.root.resolve()), "count": len(folder),
+                                     "labelled": labelled,
+                                     "sha256": files_digest([p for p, _ in folder.samples], folder.root)}
+
+    with run.stage("calibration_data"):
+        calib, calib_info = calibration_inputs(config.calib, pre, samples=config.calib_samples,
+                                               seed=config.seed, progress_factory=progress_factory)
+        m["inputs"]["calibration"] = calib_info | {"sha256": hashlib.sha256(calib.tobytes()).hexdigest()}
+        if config.calib == "demo" and not _is_demo_model(config, model):
+            notes.append("calibrated on the CIFAR-10 demo images; pass --calib DIR with images "
+                         "like your deployment data for the best INT8 accuracy")
+
+    with run.stage("fold") as rec:
+        folded = fold_batchnorms(model)
+        probe = calib[: min(len(calib), 16)]
+        ref_probe = _torch_logits(model, probe)
+        diff = max_abs_diff(_torch_logits(folded, probe), ref_probe)
+        rec.update(batchnorms_before=count_batchnorms(model), batchnorms_after=count_batchnorms(folded),
+                   max_abs_logit_diff=diff)
+        if diff > FOLD_TOLERANCE * max(1.0, float(np.abs(ref_probe).max())):
+            raise StageError(f"BatchNorm folding changed the logits by {diff:.3g}")
+
+    with run.stage("export") as rec:
+        onnx_path = export_onnx(folded, pre.img_size, run.path("model.onnx"))
+        from .runtime import OnnxRunner
+
+        parity = max_abs_diff(OnnxRunner(onnx_path)(calib), _torch_logits(model, calib))
+        rec.update(ops=onnx_op_counts(onnx_path), onnxruntime_max_abs_logit_diff=parity,
+                   parity_images=len(calib))
+        m["metrics"]["onnx_parity_max_abs"] = parity
+        run.add_artifact("onnx", onnx_path)
+        if parity > PARITY_TOLERANCE:
+            raise StageError(f"ONNX Runtime disagrees with PyTorch by {parity:.3g} (max |logit diff|)")
+    log(f"exported ONNX (ONNX Runtime vs PyTorch max |dlogit| {parity:.2e})")
+
+    formats = ("fp32", "int8") + tuple(f for f in config.formats if f not in ("fp32", "int8"))
+    paths = {fmt: run.path(_artifact_name(config.variant, pre.img_size, fmt)) for fmt in formats}
+    with run.stage("convert") as rec:
+        from .convert import convert
+        from .tflite_file import flex_ops, op_counts
+
+        tflite_meta = {"edgestar_version": __version__, "variant": config.variant,
+                       "num_classes": model.num_classes, "class_names": class_names,
+                       "preprocessing": m["preprocessing"]}
+        details = convert(onnx_path, paths, calibration=calib, io_type=config.io_type,
+                          metadata=tflite_meta, log_path=run.path("convert.log"),
+                          mean=pre.mean, std=pre.std)
+        for fmt, path in paths.items():
+            ops = op_counts(path)
+            details[fmt]["ops"] = dict(sorted(ops.items()))
+            run.add_artifact(_artifact_key(fmt), path, io_type=config.io_type if fmt == "int8" else "float")
+            if flex_ops(ops):
+                raise StageError(f"{path.name} contains ops TFLite builtins cannot run: {flex_ops(ops)}")
+        rec["formats"] = details
+    log("converted " + ", ".join(f"{p.name}" for p in paths.values()))
+
+    with run.stage("validate") as rec:
+        m["metrics"].update(_validate(model, pre, paths, folder, labelled, progress_factory, rec))
+        parity = m["metrics"]["fp32_parity_max_abs"]
+        if parity > PARITY_TOLERANCE:
+            raise StageError(f"the FP32 TFLite model disagrees with PyTorch by {parity:.3g} "
+                             "(max |logit diff|): the conversion is wrong")
+
+    passed = True
+    if config.max_drop is not None:
+        drop = m["metrics"].get("int8_top1_drop_pt")
+        passed = drop is not None and drop <= config.max_drop
+        m["gate"] = {"max_drop_pt": config.max_drop, "int8_top1_drop_pt": drop, "passed": passed}
+    m["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
+    m["peak_rss_mb"] = _peak_rss_mb()
+    m["notes"] = notes
+    run.finish("ok" if passed else "failed_gate")
+    return QuantizeResult(config, out, m, passed, notes)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _check_config(config: QuantizeConfig) -> None:
+    from .convert import IO_TYPES
+    from .models import get_variant
+
+    get_variant(config.variant)
+    if config.img_size is not None:
+        check_img_size(config.img_size)
+    if config.io_type not in IO_TYPES:
+        raise InputError(f"unknown --io {config.io_type!r}; choose one of {', '.join(IO_TYPES)}")
+    bad = [f for f in config.formats if f not in ("fp32", "int8", "fp16", "dynamic")]
+    if bad:
+        raise InputError(f"unknown format {bad[0]!r}; choose from fp16, dynamic")
+    if config.calib_samples < 1:
+        raise InputError(f"--calib-samples must be at least 1, got {config.calib_samples}")
+    if config.max_drop is not None and config.max_drop < 0:
+        raise InputError(f"--max-drop must be >= 0, got {config.max_drop}")
+
+
+def _config_dict(config: QuantizeConfig) -> dict:
+    d = {k: getattr(config, k) for k in config.__dataclass_fields__}
+    d["out"] = str(d["out"]) if d["out"] else None
+    d["formats"] = list(d["formats"])
+    return d
+
+
+def _preprocessing(config: QuantizeConfig, ckpt) -> Preprocessing:
+    pre = ckpt.preprocessing if ckpt and ckpt.preprocessing else Preprocessing(224)
+    return pre.with_size(config.img_size) if config.img_size else pre
+
+
+def _is_demo_model(config: QuantizeConfig, model) -> bool:
+    return config.weights == "demo" or model.num_classes == DEMO_CLASSES
+
+
+def _torch_logits(model, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    from .runtime import TorchRunner
+
+    run = TorchRunner(model)
+    return np.concatenate([run(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def _artifact_name(variant: str, img_size: int, fmt: str) -> str:
+    return f"starnet_{variant}_{img_size}_{fmt}.tflite"
+
+
+def _artifact_key(fmt: str) -> str:
+    return f"tflite_{fmt}"
+
+
+def _evaluation_folder(config: QuantizeConfig, num_classes: int, class_names):
+    """The evaluation images, and whether their labels can be scored against this model.
+
+    Without --eval the demo set is used; when its 10 classes are not the model's, the run
+    still measures parity and INT8 agreement on those real images, without accuracy.
+    """
+    explicit = config.eval is not None
+    folder = evaluation_set(config.eval if explicit else "demo", samples=config.eval_samples,
+                            seed=config.seed)
+    labelled = len(folder.classes) == num_classes
+    if explicit and not labelled:
+        raise InputError(f"evaluation folder {folder.root} has {len(folder.classes)} class "
+                         f"folders but the model has {num_classes} classes")
+    if labelled and class_names and list(class_names) != folder.classes:
+        raise InputError(f"evaluation folder {folder.root} names its classes {folder.classes[:3]}..., "
+                         f"the checkpoint {list(class_names)[:3]}...; labels would be misread")
+    if config.max_drop is not None and not labelled:
+        raise InputError("--max-drop needs a labelled evaluation set (--eval DIR) whose "
+                         f"classes match the model's {num_classes}")
+    return folder, labelled
+
+
+def _validate(model, pre, paths, folder, labelled, progress_factory, rec) -> dict:
+    from .runtime import TFLiteRunner, TorchRunner
+    from .validate import evaluate
+
+    runners = {"torch_fp32": TorchRunner(model)}
+    for fmt, path in paths.items():
+        runners[_artifact_key(fmt)] = TFLiteRunner(path)
+    bar = progress_factory(len(folder), "evaluation images") if progress_factory else None
+    try:
+        result = evaluate(runners, folder, pre, reference="torch_fp32", progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    rec.update(engines=result.engines, images=result.images, labelled=labelled,
+               source=str(folder.root))
+    metrics: dict = {}
+    for name, stats in result.engines.items():
+        metrics[name] = ({"top1": stats["top1"], "top5": stats["top5"]} if labelled
+                         else {"top1": None, "top5": None})
+        if name != "torch_fp32":
+            metrics[name]["agreement"] = stats["agreement_top1"]
+            metrics[name]["max_abs_logit_diff"] = stats["max_abs_logit_diff"]
+    int8 = result.engines["tflite_int8"]
+    ref = result.engines["torch_fp32"]
+    metrics["int8_top1_drop_pt"] = (ref["top1"] - int8["top1"]) * 100.0 if labelled else None
+    metrics["int8_agreement"] = int8["agreement_top1"]
+    metrics["fp32_parity_max_abs"] = result.engines["tflite_fp32"]["max_abs_logit_diff"]
+    metrics["eval_images"] = result.images
+    metrics["eval_labelled"] = labelled
+    return metrics
+
+
+def _peak_rss_mb() -> dict:
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
+    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1024
+    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale / 1024
+    return {"main": round(self_kb / 1024, 1), "converter_subprocess": round(child_kb / 1024, 1)}

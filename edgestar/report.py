@@ -1,0 +1,33 @@
+"""Human-readable reports rendered from manifests alone."""
+from __future__ import annotations
+
+
+def summary_table(manifest: dict, out=None) -> str:
+    """Format, size, top-1, drop and agreement of each artifact, from a manifest alone."""
+    metrics = manifest["metrics"]
+    ref_top1 = metrics.get("torch_fp32", {}).get("top1")
+    rows = [("format", "bytes", "top-1", "drop (pt)", "agreement")]
+    rows.append(("pytorch fp32", "-", _pct(ref_top1), "-", "-"))
+    for key, art in manifest["artifacts"].items():
+        stats = metrics.get(key, {})
+        top1 = stats.get("top1")
+        drop = f"{(ref_top1 - top1) * 100:+.2f}" if None not in (top1, ref_top1) else "-"
+        agree = stats.get("agreement")
+        rows.append((key.replace("tflite_", "tflite ").replace("onnx", "onnx fp32"),
+                     f"{art['bytes']:,}", _pct(top1), drop if key != "onnx" else "-",
+                     _pct(agree) if agree is not None else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    parity = metrics.get("fp32_parity_max_abs")
+    images = metrics.get("eval_images")
+    foot = f"{images} evaluation images" + ("" if metrics.get("eval_labelled") else " (unlabelled: no accuracy)")
+    if parity is not None:
+        foot += f"; FP32 TFLite vs PyTorch max |dlogit| {parity:.2e}"
+    tail = [foot] + ([f"run directory: {out}"] if out is not None else [])
+    return "\n".join(lines + tail)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v * 100:.2f}%"

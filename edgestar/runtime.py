@@ -1,0 +1,91 @@
+"""One runner per engine behind one interface: ``runner(x) -> logits``.
+
+Inputs are always float32 NCHW batches of preprocessed images (as PyTorch takes them); each
+runner converts to its engine's layout and types (NHWC, int8 quantization) itself, so
+validation and benchmarking code never special-cases an engine.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class TorchRunner:
+    name = "torch"
+
+    def __init__(self, model):
+        import torch
+
+        self.model = model.eval()
+        self._torch = torch
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        with self._torch.no_grad():
+            return self.model(self._torch.from_numpy(np.ascontiguousarray(x))).numpy()
+
+
+class OnnxRunner:
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, num_threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if num_threads:
+            opts.intra_op_num_threads = num_threads
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0]
+        self.batch = self.input.shape[0] if isinstance(self.input.shape[0], int) else None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, np.float32)
+        if self.batch is None:
+            return self.session.run(None, {self.input.name: x})[0]
+        return np.concatenate([self.session.run(None, {self.input.name: x[i:i + 1]})[0]
+                               for i in range(len(x))])
+
+
+class TFLiteRunner:
+    """ai-edge-litert interpreter (XNNPACK applied by default); batch-1 models run per image."""
+
+    name = "tflite"
+
+    def __init__(self, path: Path, num_threads: int | None = None):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+        self.interpreter.allocate_tensors()
+        self.inp = self.interpreter.get_input_details()[0]
+        self.out = self.interpreter.get_output_details()[0]
+        shape = self.inp["shape"]
+        self.nhwc = len(shape) == 4 and shape[3] == 3
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.nhwc:
+            x = x.transpose(0, 2, 3, 1)
+        return np.concatenate([self._one(x[i:i + 1]) for i in range(len(x))])
+
+    def _one(self, x: np.ndarray) -> np.ndarray:
+        interp = self.interpreter
+        interp.set_tensor(self.inp["index"], quantize(x, self.inp))
+        interp.invoke()
+        return dequantize(interp.get_tensor(self.out["index"]), self.out)
+
+
+def quantize(x: np.ndarray, detail: dict) -> np.ndarray:
+    dtype = detail["dtype"]
+    if dtype == np.float32:
+        return np.ascontiguousarray(x, np.float32)
+    scale, zero = detail["quantization"]
+    info = np.iinfo(dtype)
+    q = np.round(x / scale) + zero
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
+    if detail["dtype"] == np.float32:
+        return y.astype(np.float32)
+    scale, zero = detail["quantization"]
+    return (y.astype(np.float32) - zero) * scale

@@ -1,0 +1,207 @@
+"""Train or fine-tune StarNet on an image folder (``root/<class>/<images>``).
+
+A deliberately plain recipe: AdamW, cosine schedule with warm-up, label smoothing, random
+crop (with padding) and horizontal flip, stochastic depth. Images are decoded once and kept
+in memory as uint8 when they fit (small-image sets such as CIFAR); larger sets are streamed.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoints import build_model, save_checkpoint
+from .data import ImageFolder, Preprocessing, load_rgb, preprocess_image, scan_image_folder
+from .errors import InputError
+from .models import check_img_size, create_model
+
+IN_MEMORY_LIMIT_BYTES = 2 << 30
+
+
+@dataclass
+class TrainConfig:
+    variant: str
+    img_size: int
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    drop_path_rate: float = 0.0
+    seed: int = 0
+    crop_pct: float = 1.0
+    max_steps: int | None = None  # for smoke tests
+
+    def validate(self) -> None:
+        check_img_size(self.img_size)
+        if self.epochs < 1:
+            raise InputError(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise InputError(f"batch size must be at least 1, got {self.batch_size}")
+        if not (self.lr > 0):
+            raise InputError(f"learning rate must be positive, got {self.lr}")
+
+
+class _DecodedFolder(torch.utils.data.Dataset):
+    """Images resized/cropped to the model size, as uint8 HWC; decoded lazily or all at once."""
+
+    def __init__(self, folder: ImageFolder, pre: Preprocessing, in_memory: bool):
+        self.folder, self.pre = folder, pre
+        self.labels = torch.tensor([label for _, label in folder.samples])
+        self.cache = None
+        if in_memory:
+            self.cache = torch.from_numpy(np.stack([self._decode(i) for i in range(len(self))]))
+
+    def _decode(self, i: int) -> np.ndarray:
+        x = preprocess_image(load_rgb(self.folder.samples[i][0]), _raw(self.pre))
+        return np.clip(x.transpose(1, 2, 0) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+    def __len__(self):
+        return len(self.folder.samples)
+
+    def __getitem__(self, i):
+        img = self.cache[i] if self.cache is not None else torch.from_numpy(self._decode(i))
+        return img, self.labels[i]
+
+
+def _raw(pre: Preprocessing) -> Preprocessing:
+    """Same geometry, identity normalisation: yields pixels in [0, 1]."""
+    return Preprocessing(pre.img_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), pre.crop_pct, pre.interpolation)
+
+
+def _normalize(batch_uint8_nhwc: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    x = batch_uint8_nhwc.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random crop after reflect-padding by 1/8 of the size, and random horizontal flip."""
+    n, _, h, w = x.shape
+    pad = max(1, h // 8)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    rows = (dy.view(n, 1) + torch.arange(h).view(1, h))  # n,h
+    cols = (dx.view(n, 1) + torch.arange(w).view(1, w))  # n,w
+    idx_n = torch.arange(n).view(n, 1, 1)
+    out = padded.permute(0, 2, 3, 1)[idx_n, rows.view(n, h, 1), cols.view(n, 1, w)]
+    out = out.permute(0, 3, 1, 2)
+    flip = torch.rand(n, generator=gen) < 0.5
+    out[flip] = out[flip].flip(3)
+    return out.contiguous()
+
+
+@torch.no_grad()
+def evaluate_torch(model, loader, pre: Preprocessing) -> float:
+    model.eval()
+    correct = total = 0
+    for imgs, labels in loader:
+        pred = model(_normalize(imgs, pre)).argmax(1)
+        correct += (pred == labels).sum().item()
+        total += len(labels)
+    return correct / max(total, 1)
+
+
+def train(cfg: TrainConfig, *, data: str, out: str | Path, val: str | None = None,
+          weights: str = "none", num_classes: int | None = None, half: bool = False,
+          progress_factory=None, log=print) -> dict:
+    """Train ``cfg.variant`` on the image folder ``data``; write an edgestar checkpoint to ``out``.
+
+    Returns a summary with the final training loss and (if ``val`` is given) held-out top-1.
+    """
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    folder = scan_image_folder(data, what="training folder")
+    n_classes = num_classes or len(folder.classes)
+    if n_classes != len(folder.classes):
+        raise InputError(
+            f"--num-classes {n_classes} but training folder {folder.root} has "
+            f"{len(folder.classes)} class folders"
+        )
+    pre = Preprocessing(cfg.img_size, crop_pct=cfg.crop_pct)
+    if weights == "none":
+        model = create_model(cfg.variant, num_classes=n_classes, drop_path_rate=cfg.drop_path_rate)
+    else:
+        model, _ = build_model(cfg.variant, weights, num_classes=n_classes)
+    model.train()
+
+    in_memory = len(folder) * cfg.img_size**2 * 3 <= IN_MEMORY_LIMIT_BYTES
+    t0 = time.perf_counter()
+    train_set = _DecodedFolder(folder, pre, in_memory)
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=len(folder) > cfg.batch_size,
+        generator=gen, num_workers=0 if in_memory else 2,
+    )
+    val_loader = None
+    if val is not None:
+        val_folder = scan_image_folder(val, what="validation folder")
+        if val_folder.classes != folder.classes:
+            raise InputError(f"validation folder {val} has other classes than {folder.root}")
+        val_loader = torch.utils.data.DataLoader(
+            _DecodedFolder(val_folder, pre, True), batch_size=256)
+    log(f"decoded {len(folder)} training images in {time.perf_counter() - t0:.1f}s")
+
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    steps_per_epoch = len(loader)
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total // 2)
+
+    def lr_at(step):
+        if step < warmup:
+            return cfg.lr * (step + 1) / warmup
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    history = []
+    step = 0
+    bar = progress_factory(total, f"training {cfg.variant}") if progress_factory else None
+    t_train = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        model.train()
+        loss_sum = seen = 0
+        for imgs, labels in loader:
+            if step >= total:
+                break
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            x = _augment(_normalize(imgs, pre), gen)
+            loss = F.cross_entropy(model(x), labels, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(labels)
+            seen += len(labels)
+            step += 1
+            if bar is not None:
+                bar.update(1)
+        record = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1)}
+        if val_loader is not None:
+            record["val_top1"] = evaluate_torch(model, val_loader, pre)
+        history.append(record)
+        log("epoch {epoch}: loss {loss:.4f}".format(**record)
+            + (f", held-out top-1 {record['val_top1']:.4f}" if "val_top1" in record else ""))
+        if step >= total:
+            break
+    if bar is not None:
+        bar.close()
+    model.eval()
+    summary = {"config": asdict(cfg), "data": str(Path(data).resolve()), "history": history,
+               "train_seconds": round(time.perf_counter() - t_train, 1),
+               "final_loss": history[-1]["loss"] if history else None,
+               "val_top1": history[-1].get("val_top1") if history else None}
+    save_checkpoint(out, model, variant=cfg.variant, preprocessing=pre,
+                    class_names=folder.classes, half=half, extra={"train": summary})
+    return summary

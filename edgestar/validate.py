@@ -1,0 +1,70 @@
+"""Accuracy and parity of every artifact against the PyTorch reference, with one validator.
+
+The evaluation set is streamed in chunks: each chunk is decoded once and run through every
+runner, so memory stays flat however large the set is. Raising on a bad number is the
+caller's policy (see ``pipeline``); this module only measures.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .data import ImageFolder, Preprocessing, load_batch
+
+
+@dataclass
+class EngineStats:
+    correct1: int = 0
+    correct5: int = 0
+    agree: int = 0
+    max_abs_diff: float = 0.0
+    count: int = 0
+
+    def update(self, logits: np.ndarray, labels: np.ndarray, ref: np.ndarray, k: int) -> None:
+        top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+        self.correct1 += int((top[:, 0] == labels).sum())
+        self.correct5 += int((top == labels[:, None]).any(axis=1).sum())
+        self.agree += int((logits.argmax(1) == ref.argmax(1)).sum())
+        diff = np.abs(logits.astype(np.float64) - ref.astype(np.float64)).max()
+        self.max_abs_diff = max(self.max_abs_diff, float(diff))
+        self.count += len(labels)
+
+    def summary(self) -> dict:
+        n = max(self.count, 1)
+        # With fewer than 5 classes "top5" is top-k over all classes (always 1.0).
+        return {"top1": self.correct1 / n, "top5": self.correct5 / n,
+                "agreement_top1": self.agree / n, "max_abs_logit_diff": self.max_abs_diff,
+                "images": self.count}
+
+
+@dataclass
+class EvaluationResult:
+    engines: dict[str, dict] = field(default_factory=dict)
+    images: int = 0
+
+
+def evaluate(runners: dict, folder: ImageFolder, pre: Preprocessing, *, reference: str,
+             chunk: int = 128, progress=None) -> EvaluationResult:
+    """Run every runner over ``folder``; compare each with ``runners[reference]``.
+
+    Returns top-1 / top-5 accuracy, top-1 agreement with the reference and the max absolute
+    logit difference from it, per runner.
+    """
+    stats = {name: EngineStats() for name in runners}
+    num_classes = None
+    k = 5
+    for start in range(0, len(folder.samples), chunk):
+        batch = folder.samples[start:start + chunk]
+        x = load_batch([p for p, _ in batch], pre)
+        labels = np.array([label for _, label in batch])
+        ref = runners[reference](x)
+        if num_classes is None:
+            num_classes = ref.shape[1]
+            k = min(5, num_classes)
+        for name, run in runners.items():
+            logits = ref if name == reference else run(x)
+            stats[name].update(logits, labels, ref, k)
+        if progress is not None:
+            progress.update(len(batch))
+    return EvaluationResult({name: s.summary() for name, s in stats.items()}, len(folder.samples))

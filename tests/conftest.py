@@ -1,0 +1,49 @@
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from edgestar.models import create_model
+
+
+def randomize_batchnorms(model, seed=0):
+    """Give every BatchNorm non-trivial statistics so folding is actually exercised."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+    return model
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    return randomize_batchnorms(create_model("s050", num_classes=10)).eval()
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A small real-looking image folder: 2 classes x 3 JPEGs of noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            arr = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / cls / f"{i}.jpg")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def no_tensorflow_in_unit_tests(request):
+    """Unit tests must not import TensorFlow (it costs seconds and GBs)."""
+    yield
+    if "e2e" not in request.keywords:
+        assert "tensorflow" not in sys.modules, "a unit test imported TensorFlow"

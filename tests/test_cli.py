@@ -1,0 +1,173 @@
+"""CLI wiring: exit codes and one-line errors. None of these reach the TensorFlow stage."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from edgestar import pipeline
+from edgestar.cli import cli
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments, code=2):
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output and result.exception is None or isinstance(
+        result.exception, SystemExit)
+    lines = [l for l in result.output.strip().splitlines() if l.strip()]
+    error_lines = [l for l in lines if l.startswith("Error:")]
+    assert len(error_lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in error_lines[0], error_lines[0]
+
+
+def test_help_lists_commands():
+    result = run("--help")
+    assert result.exit_code == 0 and "quantize" in result.output and "train" in result.output
+
+
+@pytest.fixture
+def s050_ckpt(tmp_path, tiny_model):
+    path = tmp_path / "s050.pt"
+    torch.save(tiny_model.state_dict(), path)
+    return path
+
+
+def quantize(tmp_path, *args):
+    return run("quantize", "--out", tmp_path / "run", *args)
+
+
+def test_unknown_variant(tmp_path):
+    assert_one_line_error(quantize(tmp_path, "--variant", "s9"), "s9")
+
+
+@pytest.mark.parametrize("size", ["100", "abc", "0"])
+def test_bad_img_size(tmp_path, size):
+    assert_one_line_error(quantize(tmp_path, "--variant", "s050", "--img-size", size), "--img-size")
+
+
+def test_unknown_format(tmp_path):
+    assert_one_line_error(quantize(tmp_path, "--variant", "s050", "--formats", "fp16,int4"), "int4")
+
+
+def test_unknown_io(tmp_path):
+    assert_one_line_error(quantize(tmp_path, "--variant", "s050", "--io", "int16"), "int16")
+
+
+def test_missing_checkpoint(tmp_path):
+    assert_one_line_error(quantize(tmp_path, "--variant", "s050", "--weights", tmp_path / "no.pt"),
+                          "does not exist")
+    assert not (tmp_path / "run" / "model.onnx").exists()
+
+
+def test_checkpoint_for_another_variant(tmp_path, s050_ckpt):
+    assert_one_line_error(quantize(tmp_path, "--variant", "s1", "--weights", s050_ckpt),
+                          "does not fit StarNet-s1", "missing")
+
+
+def test_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "bad.pth.tar"
+    bad.write_bytes(b"\x80\x02garbage")
+    assert_one_line_error(quantize(tmp_path, "--variant", "s1", "--weights", bad), "corrupt")
+
+
+def test_num_classes_mismatch(tmp_path, s050_ckpt):
+    assert_one_line_error(quantize(tmp_path, "--variant", "s050", "--weights", s050_ckpt,
+                                   "--num-classes", "7"), "--num-classes 7")
+
+
+def test_official_weights_unavailable_for_s050(tmp_path):
+    assert_one_line_error(quantize(tmp_path, "--variant", "s050"), "no official weights")
+
+
+def test_offline_official_download(tmp_path, monkeypatch):
+    import urllib.error
+
+    from edgestar import checkpoints
+
+    monkeypatch.setenv("EDGESTAR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(checkpoints.urllib.request, "urlopen",
+                        lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
+    assert_one_line_error(quantize(tmp_path, "--variant", "s2"), "--weights demo", "--weights PATH")
+
+
+def test_missing_calibration_folder(tmp_path, s050_ckpt):
+    result = quantize(tmp_path, "--variant", "s050", "--weights", s050_ckpt, "--img-size", 32,
+                      "--calib", tmp_path / "nothing")
+    assert_one_line_error(result, "calibration folder", "does not exist")
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    assert manifest["stages"]["calibration_data"]["status"] == "failed"
+
+
+def test_empty_calibration_folder(tmp_path, s050_ckpt):
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(quantize(tmp_path, "--variant", "s050", "--weights", s050_ckpt,
+                                   "--img-size", 32, "--calib", tmp_path / "empty"), "no image files")
+
+
+def test_corrupt_calibration_image_is_named(tmp_path, s050_ckpt, image_folder):
+    broken = image_folder / "a" / "broken.jpg"
+    Image.new("RGB", (64, 64)).save(broken)
+    broken.write_bytes(broken.read_bytes()[:100])
+    assert_one_line_error(quantize(tmp_path, "--variant", "s050", "--weights", s050_ckpt,
+                                   "--img-size", 32, "--calib", image_folder), "broken.jpg")
+
+
+def test_eval_folder_with_wrong_class_count(tmp_path, s050_ckpt, image_folder):
+    assert_one_line_error(quantize(tmp_path, "--variant", "s050", "--weights", s050_ckpt,
+                                   "--img-size", 32, "--eval", image_folder), "2 class folders", "10 classes")
+
+
+def test_unwritable_output_folder(s050_ckpt):
+    result = run("quantize", "--variant", "s050", "--weights", s050_ckpt,
+                 "--out", "/proc/edgestar-cannot-write-here")
+    assert_one_line_error(result, "/proc/edgestar-cannot-write-here")
+
+
+def test_non_empty_output_folder(tmp_path, s050_ckpt):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("mine")
+    assert_one_line_error(quantize(tmp_path, "--variant", "s050", "--weights", s050_ckpt),
+                          "not empty")
+    assert (tmp_path / "run" / "keep.txt").read_text() == "mine"
+
+
+def test_max_drop_gate_exit_code_and_report(tmp_path, monkeypatch):
+    """The gate's policy: report written, exit code 1 (the pipeline itself is faked here)."""
+    manifest = {"status": "failed_gate", "model": {"img_size": 32, "num_classes": 10},
+                "artifacts": {}, "metrics": {"torch_fp32": {"top1": 0.8}}, "timings_s": {},
+                "gate": {"max_drop_pt": 0.5, "int8_top1_drop_pt": 2.0, "passed": False}}
+    config_seen = {}
+
+    def fake_quantize(config, **kw):
+        config_seen["config"] = config
+        return pipeline.QuantizeResult(config, tmp_path, manifest, passed=False)
+
+    monkeypatch.setattr(pipeline, "quantize", fake_quantize)
+    result = run("quantize", "--variant", "s1", "--weights", "demo", "--max-drop", "0.5",
+                 "--formats", "fp16", "--io", "float", "--json", "-q")
+    assert result.exit_code == 1
+    assert "exceeds --max-drop 0.5" in result.output
+    cfg = config_seen["config"]
+    assert cfg.max_drop == 0.5 and cfg.formats == ("fp16",) and cfg.io_type == "float"
+
+
+def test_train_rejects_missing_data(tmp_path):
+    assert_one_line_error(run("train", "--variant", "s050", "--data", tmp_path / "none",
+                              "--out", tmp_path / "m.pt"), "does not exist")
+
+
+def test_train_smoke_on_demo(tmp_path):
+    result = run("train", "--variant", "s050", "--data", "demo", "--epochs", "1", "--max-steps", "2",
+                 "--batch-size", "16", "--out", tmp_path / "m.pt", "-q")
+    assert result.exit_code == 0, result.output
+    from edgestar.checkpoints import read_checkpoint
+
+    ckpt = read_checkpoint(tmp_path / "m.pt")
+    assert ckpt.variant == "s050" and ckpt.num_classes == 10 and len(ckpt.class_names) == 10
+    assert ckpt.preprocessing.img_size == 32

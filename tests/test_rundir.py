@@ -1,0 +1,65 @@
+import json
+import os
+
+import pytest
+
+from edgestar.errors import InputError, StageError
+from edgestar.report import summary_table
+from edgestar.rundir import RunDir, atomic_write_json, ensure_writable_dir, load_manifest
+
+
+def test_manifest_records_stages(tmp_path):
+    run = RunDir.create(tmp_path / "run", tool="test")
+    with run.stage("one") as rec:
+        rec["value"] = 3
+    with pytest.raises(StageError):
+        with run.stage("two"):
+            raise StageError("conversion broke")
+    m = load_manifest(tmp_path / "run")
+    assert m["stages"]["one"]["status"] == "ok" and m["stages"]["one"]["value"] == 3
+    assert m["stages"]["two"] == {"status": "failed", "error": "conversion broke",
+                                  "seconds": m["stages"]["two"]["seconds"]}
+    assert m["status"] == "failed" and set(m["timings_s"]) == {"one", "two"}
+
+
+def test_non_empty_output_folder_is_refused(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "f").write_text("1")
+    with pytest.raises(InputError, match="not empty"):
+        RunDir.create(tmp_path / "x")
+
+
+def test_output_path_that_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("1")
+    with pytest.raises(InputError, match="exists and is not a directory|cannot create"):
+        ensure_writable_dir(tmp_path / "f")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output_folder(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    with pytest.raises(InputError, match="not writable|cannot create"):
+        ensure_writable_dir(ro / "sub")
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    atomic_write_json(tmp_path / "m.json", {"a": 1})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_summary_table_from_manifest():
+    manifest = {
+        "artifacts": {"onnx": {"path": "model.onnx", "bytes": 1000},
+                      "tflite_fp32": {"path": "a.tflite", "bytes": 2000},
+                      "tflite_int8": {"path": "b.tflite", "bytes": 600}},
+        "metrics": {"torch_fp32": {"top1": 0.80, "top5": 0.99},
+                    "tflite_fp32": {"top1": 0.80, "agreement": 1.0},
+                    "tflite_int8": {"top1": 0.795, "agreement": 0.98},
+                    "fp32_parity_max_abs": 1.5e-6, "eval_images": 1000, "eval_labelled": True},
+    }
+    table = summary_table(manifest, "runs/x")
+    assert "tflite int8" in table and "79.50%" in table and "+0.50" in table and "98.00%" in table
+    assert "1.50e-06" in table and "runs/x" in table
