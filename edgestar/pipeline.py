@@ -106,6 +106,15 @@ def quantize(config: QuantizeConfig, *, progress_factory=None, log=None) -> Quan
     out = Path(config.out) if config.out else default_out(config.variant)
     run = RunDir.create(out, tool="edgestar quantize", created=datetime.now(timezone.utc).isoformat(
         timespec="seconds"), config=_config_dict(config), versions=tool_versions(), inputs={})
+    try:
+        return _run_stages(run, config, t_start, progress_factory, log)
+    except BaseException:
+        # A model from a failed run must not look like a finished one.
+        run.quarantine_artifacts()
+        raise
+
+
+def _run_stages(run: RunDir, config: QuantizeConfig, t_start: float, progress_factory, log):
     m = run.manifest
     notes: list[str] = []
 
@@ -199,7 +208,7 @@ def quantize(config: QuantizeConfig, *, progress_factory=None, log=None) -> Quan
     m["peak_rss_mb"] = _peak_rss_mb()
     m["notes"] = notes
     run.finish("ok" if passed else "failed_gate")
-    return QuantizeResult(config, out, m, passed, notes)
+    return QuantizeResult(config, run.root, m, passed, notes)
 
 
 # --------------------------------------------------------------------------- helpers

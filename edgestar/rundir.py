@@ -115,6 +115,16 @@ class RunDir:
             self.manifest["timings_s"][name] = seconds
             self.save()
 
+    def quarantine_artifacts(self) -> None:
+        """Rename every artifact of a failed run to ``<name>.failed`` and record that."""
+        for info in self.manifest["artifacts"].values():
+            src = self.root / info["path"]
+            if src.exists() and not info["path"].endswith(".failed"):
+                os.replace(src, src.with_name(src.name + ".failed"))
+                info["path"] += ".failed"
+        self.manifest["status"] = "failed"
+        self.save()
+
     def finish(self, status: str = "ok") -> None:
         self.manifest["status"] = status
         self.save()

@@ -63,3 +63,14 @@ def test_summary_table_from_manifest():
     table = summary_table(manifest, "runs/x")
     assert "tflite int8" in table and "79.50%" in table and "+0.50" in table and "98.00%" in table
     assert "1.50e-06" in table and "runs/x" in table
+
+
+def test_failed_run_artifacts_are_quarantined(tmp_path):
+    run = RunDir.create(tmp_path / "run")
+    model = run.path("m.tflite")
+    model.write_bytes(b"complete but wrong")
+    run.add_artifact("tflite_int8", model)
+    run.quarantine_artifacts()
+    assert not model.exists() and run.path("m.tflite.failed").exists()
+    m = load_manifest(tmp_path / "run")
+    assert m["status"] == "failed" and m["artifacts"]["tflite_int8"]["path"] == "m.tflite.failed"

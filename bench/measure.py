@@ -1,0 +1,74 @@
+"""Wall time and peak memory of one command, including its child processes.
+
+    python bench/measure.py [--repeat N] -- edgestar quantize --variant s1 --weights demo
+
+Peak memory is reported two ways: the largest resident set of any single process
+(getrusage of waited-for children) and the peak of the summed RSS of the whole process tree,
+sampled every 50 ms (edgestar's converter runs as a child while the parent waits).
+"""
+import argparse
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def measure(cmd: list[str]) -> dict:
+    peak = 0
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ps = psutil.Process(proc.pid)
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            try:
+                peak = max(peak, tree_rss(ps))
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, err = proc.communicate()
+    done.set()
+    sampler.join()
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"command failed ({proc.returncode}): {err.strip().splitlines()[-1:]}")
+    max_single = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"wall_s": wall, "peak_tree_rss_mb": peak / 2**20, "max_process_rss_mb": max_single}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("cmd", nargs=argparse.REMAINDER)
+    args = ap.parse_args()
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    print(f"machine: {platform.machine()}, {psutil.cpu_count()} cores, "
+          f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}")
+    print(f"command: {' '.join(cmd)}")
+    for i in range(args.repeat):
+        r = measure([c.replace("{i}", str(i)) for c in cmd])
+        print(f"run {i + 1}: wall {r['wall_s']:.1f} s, peak process-tree RSS "
+              f"{r['peak_tree_rss_mb']:.0f} MiB, largest single process {r['max_process_rss_mb']:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
