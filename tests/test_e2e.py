@@ -148,3 +148,24 @@ def test_float_io_and_other_resolution(offline_env, tmp_path):
     ops = op_counts(report["artifacts"]["tflite_int8"])
     assert ops["QUANTIZE"] == 1 and ops["DEQUANTIZE"] == 1
     assert set(report["artifacts"]) == {"onnx", "tflite_fp32", "tflite_int8"}
+
+
+DEMO_WEIGHTS = Path(__file__).resolve().parent.parent / "edgestar" / "weights" / "starnet_s1_cifar10_demo.pt"
+
+
+@pytest.mark.skipif(not DEMO_WEIGHTS.exists(), reason="demo weights not in this checkout")
+def test_demo_main_job(offline_env, tmp_path):
+    """The README's main job: the shipped demo S1 on the 1,000 held-out demo images."""
+    env, log = offline_env
+    res = edgestar(env, "quantize", "--variant", "s1", "--weights", "demo", "--out", tmp_path / "run",
+                   "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert not log.exists(), f"network was touched: {log.read_text()}"
+    assert "tflite int8" in res.stderr  # the summary table goes to stderr with --json
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    metrics = report["metrics"]
+    assert metrics["eval_images"] == 1000 and metrics["eval_labelled"]
+    assert metrics["torch_fp32"]["top1"] >= 0.70  # genuinely trained (README states the figure)
+    assert metrics["fp32_parity_max_abs"] <= 1e-4
+    assert metrics["int8_top1_drop_pt"] <= 1.0
+    assert metrics["int8_agreement"] >= 0.95
