@@ -106,10 +106,49 @@ def _worker(spec_path: str) -> int:
     return 0 if "error" not in result else 1
 
 
+def _keep_residual_adds_nhwc() -> None:
+    """Work around an onnx2tf 1.29.24 layout bug that turns depthwise convs into grouped ones.
+
+    After building an ``Add``, onnx2tf compares the TF result's shape (NHWC) with the ONNX
+    output shape (NCHW) and, finding them different, "rescues" the op by transposing both
+    operands to NCHW. Every StarNet residual add then yields an NCHW tensor, and the next
+    block's depthwise conv sees ``shape[-1] = W != groups`` and is emitted as a grouped
+    CONV_2D (11 of 30 in S1). When both operands are 4-D tensors of one shape, the sum has
+    that shape; any other result is such a flip, so we rebuild it as a plain NHWC add.
+    """
+    import onnx2tf.ops.Add as add_op
+    import tensorflow as tf
+
+    if getattr(add_op.make_node, "_edgestar_patched", False):
+        return
+    original = add_op.make_node
+
+    def make_node(*, graph_node, tf_layers_dict, **kwargs):
+        original(graph_node=graph_node, tf_layers_dict=tf_layers_dict, **kwargs)
+        operands = [tf_layers_dict.get(t.name, {}).get("tf_node") for t in graph_node.inputs]
+        out = tf_layers_dict[graph_node.outputs[0].name]
+        if len(operands) == 2 and all(tf.is_tensor(t) and t.shape.rank == 4 for t in operands):
+            a, b = operands
+            if a.shape.is_fully_defined() and a.shape == b.shape and out["tf_node"].shape != a.shape:
+                out["tf_node"] = tf.math.add(a, b, name=graph_node.name)
+                out["nhwc"] = True
+
+    make_node._edgestar_patched = True
+    add_op.make_node = make_node
+
+
 def _onnx_to_keras(onnx_path: str):
+    import onnx
     import onnx2tf
 
+    from .rewrite import strip_input_rotation
+
+    _keep_residual_adds_nhwc()
     t0 = time.perf_counter()
+    proto = onnx.load(onnx_path)
+    rotated = strip_input_rotation(proto)
+    if rotated:
+        onnx.save(proto, onnx_path)
     model = onnx2tf.convert(
         input_onnx_file_path=onnx_path,
         output_folder_path=str(Path(onnx_path).parent / "saved_model"),
@@ -119,7 +158,20 @@ def _onnx_to_keras(onnx_path: str):
         not_use_onnxsim=True,
         verbosity="warn",
     )
+    if rotated:
+        model = _prepend_rotation(model)
     return model, round(time.perf_counter() - t0, 3)
+
+
+def _prepend_rotation(model):
+    """The same Keras model behind a 180-degree rotation of its NHWC input (REVERSE_V2)."""
+    import tensorflow as tf
+    import tf_keras
+
+    source = model.inputs[0]
+    image = tf_keras.Input(shape=source.shape[1:], batch_size=source.shape[0], name="input")
+    rotated = tf_keras.layers.Lambda(lambda t: tf.reverse(t, axis=[1, 2]), name="rotate_180")(image)
+    return tf_keras.Model(image, model(rotated))
 
 
 def _to_tflite(keras_model, fmt: str, calibration: np.ndarray, io_type: str) -> bytes:

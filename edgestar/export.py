@@ -17,12 +17,16 @@ OUTPUT_NAME = "logits"
 OPSET = 17
 
 
-def export_onnx(model: torch.nn.Module, img_size: int, path: Path) -> Path:
+def export_onnx(model: torch.nn.Module, img_size: int, path: Path, *, rotate: bool = True) -> dict:
     """Export ``model`` (eval mode, BN folded) with a static 1x3xSxS input to ``path``.
 
     The TorchScript exporter at opset 17 gives the plainest graph for StarNet (Conv, Clip, Mul,
     Add, ReduceMean, Gemm), which is what onnx2tf maps best; batch 1 is what edge runtimes run.
+    With ``rotate`` the graph is rewritten so that no PAD is needed in TFLite
+    (:func:`edgestar.rewrite.flip_for_same_padding`). Returns what was done.
     """
+    from .rewrite import flip_for_same_padding
+
     import onnx
 
     path = Path(path)
@@ -34,6 +38,9 @@ def export_onnx(model: torch.nn.Module, img_size: int, path: Path) -> Path:
                           output_names=[OUTPUT_NAME], opset_version=OPSET, dynamo=False,
                           do_constant_folding=True)
     proto = onnx.load_from_string(buf.getvalue())
+    rotated = False
+    if rotate:
+        proto, rotated = flip_for_same_padding(proto)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
@@ -41,7 +48,7 @@ def export_onnx(model: torch.nn.Module, img_size: int, path: Path) -> Path:
     tmp = temp_path_for(path)
     onnx.save(proto, tmp)
     os.replace(tmp, path)
-    return path
+    return {"path": path, "rotated_for_same_padding": rotated}
 
 
 def onnx_op_counts(path: Path) -> dict[str, int]:

@@ -159,7 +159,9 @@ def _run_stages(run: RunDir, config: QuantizeConfig, t_start: float, progress_fa
             raise StageError(f"BatchNorm folding changed the logits by {diff:.3g}")
 
     with run.stage("export") as rec:
-        onnx_path = export_onnx(folded, pre.img_size, run.path("model.onnx"))
+        exported = export_onnx(folded, pre.img_size, run.path("model.onnx"))
+        onnx_path = exported["path"]
+        rec["rotated_for_same_padding"] = exported["rotated_for_same_padding"]
         from .runtime import OnnxRunner
 
         parity = max_abs_diff(OnnxRunner(onnx_path)(calib), _torch_logits(model, calib))
