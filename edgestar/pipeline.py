@@ -177,7 +177,7 @@ def _run_stages(run: RunDir, config: QuantizeConfig, t_start: float, progress_fa
     paths = {fmt: run.path(_artifact_name(config.variant, pre.img_size, fmt)) for fmt in formats}
     with run.stage("convert") as rec:
         from .convert import convert
-        from .tflite_file import flex_ops, op_counts
+        from .tflite_file import op_counts
 
         tflite_meta = {"edgestar_version": __version__, "variant": config.variant,
                        "num_classes": model.num_classes, "class_names": class_names,
@@ -186,12 +186,10 @@ def _run_stages(run: RunDir, config: QuantizeConfig, t_start: float, progress_fa
                           metadata=tflite_meta, log_path=run.path("convert.log"),
                           mean=pre.mean, std=pre.std)
         for fmt, path in paths.items():
-            ops = op_counts(path)
-            details[fmt]["ops"] = dict(sorted(ops.items()))
+            details[fmt]["ops"] = dict(sorted(op_counts(path).items()))
             run.add_artifact(_artifact_key(fmt), path, io_type=config.io_type if fmt == "int8" else "float")
-            if flex_ops(ops):
-                raise StageError(f"{path.name} contains ops TFLite builtins cannot run: {flex_ops(ops)}")
         rec["formats"] = details
+        check_deployable(paths)
     log("converted " + ", ".join(f"{p.name}" for p in paths.values()))
 
     with run.stage("validate") as rec:
@@ -214,6 +212,25 @@ def _run_stages(run: RunDir, config: QuantizeConfig, t_start: float, progress_fa
 
 
 # --------------------------------------------------------------------------- helpers
+
+def check_deployable(paths: dict) -> None:
+    """Refuse graphs an edge runtime cannot run as built: Flex ops anywhere; in the INT8 model,
+    float compute inside the graph or an op TFLite Micro has no int8 kernel for."""
+    from .tflite_file import TFLM_INT8_OPS, flex_ops, float_ops_inside, op_counts
+
+    for fmt, path in paths.items():
+        ops = op_counts(path)
+        if flex_ops(ops):
+            raise StageError(f"{path.name} contains ops TFLite builtins cannot run: {flex_ops(ops)}")
+        if fmt != "int8":
+            continue
+        floats = float_ops_inside(path)
+        if floats:
+            raise StageError(f"{path.name} computes in float inside the INT8 graph: {sorted(set(floats))}")
+        missing = sorted(set(ops) - TFLM_INT8_OPS)
+        if missing:
+            raise StageError(f"{path.name} uses ops TFLite Micro has no int8 kernel for: {missing}")
+
 
 def _check_config(config: QuantizeConfig) -> None:
     from .convert import IO_TYPES

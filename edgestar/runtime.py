@@ -89,3 +89,58 @@ def dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
         return y.astype(np.float32)
     scale, zero = detail["quantization"]
     return (y.astype(np.float32) - zero) * scale
+
+
+class MicroRunner:
+    """TensorFlow Lite Micro's reference interpreter (``pip install --pre tflite-micro``).
+
+    Runs in a subprocess: a TFLM kernel that hits an unsupported case aborts the whole process
+    (tflite-micro issue #3499). Same interface as the other runners.
+    """
+
+    name = "tflite-micro"
+
+    def __init__(self, path: Path, arena_size: int = 8 << 20):
+        import importlib.util
+
+        if importlib.util.find_spec("tflite_micro") is None:
+            raise RuntimeError("tflite-micro is not installed (pip install --pre tflite-micro)")
+        self.path, self.arena_size = Path(path), arena_size
+        self.reference = TFLiteRunner(path)  # for the I/O quantization parameters
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        import subprocess
+        import sys
+        import tempfile
+
+        ref = self.reference
+        if ref.nhwc:
+            x = x.transpose(0, 2, 3, 1)
+        with tempfile.TemporaryDirectory(prefix="edgestar-tflm-") as tmp:
+            np.save(f"{tmp}/in.npy", quantize(x, ref.inp))
+            proc = subprocess.run([sys.executable, "-m", "edgestar.runtime", str(self.path),
+                                   f"{tmp}/in.npy", f"{tmp}/out.npy", str(self.arena_size)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise RuntimeError(f"TFLite Micro failed (exit {proc.returncode}): {tail[0]}")
+            return dequantize(np.load(f"{tmp}/out.npy"), ref.out)
+
+
+def _micro_main(model: str, inputs: str, outputs: str, arena_size: str) -> None:
+    from tflite_micro.python.tflite_micro import runtime as tflm
+
+    interp = tflm.Interpreter.from_file(model, arena_size=int(arena_size))
+    batch = np.load(inputs)
+    results = []
+    for i in range(len(batch)):
+        interp.set_input(batch[i:i + 1], 0)
+        interp.invoke()
+        results.append(np.array(interp.get_output(0)))
+    np.save(outputs, np.concatenate(results))
+
+
+if __name__ == "__main__":
+    import sys
+
+    _micro_main(*sys.argv[1:5])

@@ -41,8 +41,62 @@ def op_counts(model: bytes | str | Path) -> Counter:
     return Counter(codes[graph.Operators(i).OpcodeIndex()] for i in range(graph.OperatorsLength()))
 
 
+# Builtin ops with int8 kernels in TensorFlow Lite Micro (its MicroMutableOpResolver), restricted
+# to ones edgestar's graphs could contain. REVERSE_V2 was run in the tflite-micro interpreter.
+TFLM_INT8_OPS = frozenset({
+    "ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CONV_2D", "DEQUANTIZE",
+    "FULLY_CONNECTED", "HARD_SWISH", "LOGISTIC", "MAX_POOL_2D", "MEAN", "MUL", "PAD", "PADV2",
+    "QUANTIZE", "RELU", "RELU6", "RESHAPE", "REVERSE_V2", "SOFTMAX", "SQUEEZE", "STRIDED_SLICE",
+    "SUB", "SUM", "TRANSPOSE",
+})
+
+
 def flex_ops(counts: Counter) -> list[str]:
     return sorted(op for op in counts if op.startswith("CUSTOM:Flex") or op.startswith("CUSTOM:"))
+
+
+def _graph(model):
+    buf = _read(model)
+    schema = _schema()
+    m = schema.Model.GetRootAs(buf, 0)
+    return schema, m, m.Subgraphs(0)
+
+
+def float_ops_inside(model) -> list[str]:
+    """Ops of an integer model that compute in float (QUANTIZE in / DEQUANTIZE out excepted)."""
+    schema, m, g = _graph(model)
+    names = _op_names()
+    found = []
+    for i in range(g.OperatorsLength()):
+        op = g.Operators(i)
+        oc = m.OperatorCodes(op.OpcodeIndex())
+        name = names.get(max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode()), "?")
+        tensors = [op.Inputs(j) for j in range(op.InputsLength())] + \
+                  [op.Outputs(j) for j in range(op.OutputsLength())]
+        if name == "QUANTIZE":
+            tensors = [op.Outputs(j) for j in range(op.OutputsLength())]
+        elif name == "DEQUANTIZE":
+            tensors = [op.Inputs(j) for j in range(op.InputsLength())]
+        if any(t >= 0 and g.Tensors(t).Type() in (schema.TensorType.FLOAT32, schema.TensorType.FLOAT16)
+               for t in tensors):
+            found.append(name)
+    return found
+
+
+def grouped_convs(model) -> int:
+    """CONV_2D ops whose filter sees fewer input channels than the input has (grouped)."""
+    schema, m, g = _graph(model)
+    conv = schema.BuiltinOperator.CONV_2D
+    count = 0
+    for i in range(g.OperatorsLength()):
+        op = g.Operators(i)
+        oc = m.OperatorCodes(op.OpcodeIndex())
+        if max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode()) != conv:
+            continue
+        channels = g.Tensors(op.Inputs(0)).ShapeAsNumpy()[-1]
+        filter_in = g.Tensors(op.Inputs(1)).ShapeAsNumpy()[-1]
+        count += int(filter_in != channels)
+    return count
 
 
 def read_metadata(model: bytes | str | Path, name: str = METADATA_NAME) -> dict | None:
@@ -71,9 +125,59 @@ def add_metadata(model: bytes, payload: dict, name: str = METADATA_NAME) -> byte
     entry.name = name
     entry.buffer = len(obj.buffers) - 1
     obj.metadata = [md for md in (obj.metadata or []) if _name(md) != name] + [entry]
-    builder = flatbuffers.Builder(len(model) + len(data) + 1024)
+    return pack_model(obj, size_hint=len(model) + len(data))
+
+
+BUFFER_ALIGNMENT = 16  # what the TFLite converter guarantees for tensor data (Buffer.data force_align)
+
+
+def pack_model(obj, size_hint: int = 1 << 20) -> bytes:
+    """Serialize a ``ModelT`` with buffer data 16-byte aligned and identical vectors stored once.
+
+    The schema's own packer aligns buffer payloads to 1 byte only (unaligned int32 biases fault
+    on some Cortex-M cores) and writes every vector anew: StarNet's per-channel int64 zero-point
+    vectors (all zeros) then take ~10 % of an INT8 file. Tables may share a vector in a
+    flatbuffer, so each distinct vector is written once and referenced from every table.
+    """
+    import flatbuffers
+    import numpy as np
+
+    class _Builder(flatbuffers.Builder):
+        def __init__(self, size):
+            super().__init__(size)
+            self._vectors = {}
+
+        def CreateNumpyVector(self, x):
+            key = (x.dtype.str, x.tobytes())
+            offset = self._vectors.get(key)
+            if offset is None:
+                if x.dtype == np.uint8:  # buffer payloads
+                    self.StartVector(1, x.size, BUFFER_ALIGNMENT)
+                    self.head = self.head - x.size
+                    self.Bytes[self.head:self.head + x.size] = x.tobytes()
+                    self.vectorNumElems = x.size
+                    offset = self.EndVector()
+                else:
+                    offset = super().CreateNumpyVector(x)
+                self._vectors[key] = offset
+            return offset
+
+    builder = _Builder(size_hint + 1024)
     builder.Finish(obj.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
+
+
+def buffer_offsets(model: bytes | str | Path) -> list[int]:
+    """Absolute file offset of every non-empty buffer payload (for alignment checks)."""
+    buf = _read(model)
+    m = _schema().Model.GetRootAs(buf, 0)
+    offsets = []
+    for i in range(m.BuffersLength()):
+        table = m.Buffers(i)._tab
+        field = table.Offset(4)  # Buffer.data
+        if field and table.VectorLen(field):
+            offsets.append(table.Vector(field))
+    return offsets
 
 
 def _name(md) -> str:

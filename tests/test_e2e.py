@@ -122,11 +122,62 @@ def test_quantize_tiny_model_end_to_end(offline_env, trained_s050, tmp_path):
     meta = read_metadata(int8_path)
     assert meta["preprocessing"]["mean"] == manifest["preprocessing"]["mean"]
     assert meta["variant"] == "s050" and meta["format"] == "int8" and len(meta["class_names"]) == 10
-    ops = op_counts(int8_path)
-    assert not [op for op in ops if op.startswith("CUSTOM")]
-    assert "QUANTIZE" not in ops and "DEQUANTIZE" not in ops  # int8 end to end
+    assert_deployment_graph(int8_path, blocks=6)  # s050: depths 1,1,3,1
+    assert "QUANTIZE" not in op_counts(int8_path) and "DEQUANTIZE" not in op_counts(int8_path)
+    assert_deployment_graph(report["artifacts"]["tflite_fp32"], blocks=6, integer=False)
     for key in ("tflite_fp32", "tflite_fp16", "tflite_dynamic"):
         Interpreter(model_path=report["artifacts"][key]).allocate_tensors()
+
+
+def assert_deployment_graph(path, *, blocks, integer=True):
+    """The graph properties edgestar promises (issue 3), on any StarNet it converts."""
+    from edgestar.tflite_file import (BUFFER_ALIGNMENT, TFLM_INT8_OPS, buffer_offsets,
+                                      float_ops_inside, grouped_convs, op_counts)
+
+    ops = op_counts(path)
+    assert ops["DEPTHWISE_CONV_2D"] == 2 * blocks  # every depthwise conv is one
+    assert grouped_convs(path) == 0
+    assert "PAD" not in ops and "TRANSPOSE" not in ops and "RESHAPE" not in ops
+    assert ops["MUL"] == blocks and ops["ADD"] == blocks  # head BatchNorm folded into the classifier
+    assert ops["REVERSE_V2"] == 1  # the rotation that replaces the stride-2 PADs
+    assert not [op for op in ops if op.startswith("CUSTOM")]  # no Flex / custom ops
+    assert all(offset % BUFFER_ALIGNMENT == 0 for offset in buffer_offsets(path))
+    if integer:
+        assert float_ops_inside(path) == []
+        assert set(ops) <= TFLM_INT8_OPS
+
+
+def test_same_inputs_give_byte_identical_models(offline_env, trained_s050, tmp_path):
+    env, _ = offline_env
+    outputs = []
+    for name in ("a", "b"):
+        res = edgestar(env, "quantize", "--variant", "s050", "--weights", trained_s050,
+                       "--calib-samples", 50, "--eval-samples", 20, "--out", tmp_path / name, "-q")
+        assert res.returncode == 0, res.stderr
+        outputs.append(tmp_path / name)
+    for fname in ("starnet_s050_32_int8.tflite", "starnet_s050_32_fp32.tflite", "model.onnx"):
+        assert (outputs[0] / fname).read_bytes() == (outputs[1] / fname).read_bytes(), fname
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tflite_micro") is None,
+                    reason="tflite-micro not installed (pip install --pre tflite-micro)")
+def test_int8_model_runs_in_tflite_micro(offline_env, trained_s050, tmp_path):
+    """The INT8 model runs on TFLite Micro's reference kernels and agrees with ai-edge-litert."""
+    from edgestar.data import Preprocessing, calibration_inputs
+    from edgestar.runtime import MicroRunner, TFLiteRunner
+
+    env, _ = offline_env
+    res = edgestar(env, "quantize", "--variant", "s050", "--weights", trained_s050,
+                   "--calib-samples", 50, "--eval-samples", 20, "--out", tmp_path / "run", "-q")
+    assert res.returncode == 0, res.stderr
+    model = tmp_path / "run" / "starnet_s050_32_int8.tflite"
+    x, _ = calibration_inputs("demo", Preprocessing(32, crop_pct=1.0), samples=40, seed=3)
+    litert = TFLiteRunner(model)
+    micro = MicroRunner(model)(x)
+    reference = litert(x)
+    scale = litert.out["quantization"][0]
+    assert (micro.argmax(1) == reference.argmax(1)).mean() >= 0.95
+    assert np.abs(micro - reference).max() <= 4 * scale + 1e-6  # a few output LSBs of rounding
 
 
 def test_float_io_and_other_resolution(offline_env, tmp_path):
@@ -147,6 +198,7 @@ def test_float_io_and_other_resolution(offline_env, tmp_path):
     assert report["metrics"]["int8_top1_drop_pt"] is None
     ops = op_counts(report["artifacts"]["tflite_int8"])
     assert ops["QUANTIZE"] == 1 and ops["DEQUANTIZE"] == 1
+    assert_deployment_graph(report["artifacts"]["tflite_int8"], blocks=8)  # s100: 1,2,4,1
     assert set(report["artifacts"]) == {"onnx", "tflite_fp32", "tflite_int8"}
 
 
