@@ -1,0 +1,200 @@
+"""edgestar's INT8 route against the route a user takes by hand, from one checkpoint.
+
+    python bench/naive_vs_edgestar.py --variant s1 --img-size 224 --num-classes 1000 --work /tmp/nve
+    python bench/naive_vs_edgestar.py --variant s1 --weights demo --img-size 32 --work /tmp/nve-demo
+
+Naive route: ``torch.onnx.export`` (opset 17) of the eval-mode model, then ``onnx2tf -oiqt
+-qt per-channel`` with its defaults (run offline: its 20-image sample file is made from our
+calibration images and placed in its working directory). edgestar's route: the whole
+``edgestar quantize`` run (export, convert, calibrate on 200 images, validate on 500).
+
+Without ``--weights`` the checkpoint is the variant with seeded random weights and random
+BatchNorm statistics (so folded biases are not all zero, as in any trained model). Latency is
+measured with ai-edge-litert (XNNPACK) at 1 and 2 threads, models interleaved round by round.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import measure  # noqa: E402
+
+from edgestar.checkpoints import build_model, save_checkpoint  # noqa: E402
+from edgestar.data import Preprocessing, calibration_inputs, evaluation_set, load_batch  # noqa: E402
+from edgestar.models import count_params, create_model  # noqa: E402
+from edgestar.runtime import OnnxRunner, TFLiteRunner, TorchRunner  # noqa: E402
+from edgestar.tflite_file import grouped_convs, op_counts  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def make_checkpoint(args, work: Path) -> tuple[str, Preprocessing]:
+    if args.weights:
+        model, ckpt = build_model(args.variant, args.weights)
+        pre = (ckpt.preprocessing or Preprocessing(224)).with_size(args.img_size)
+        return args.weights, pre
+    torch.manual_seed(0)
+    model = create_model(args.variant, num_classes=args.num_classes).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    pre = Preprocessing(args.img_size)
+    path = work / "checkpoint.pt"
+    save_checkpoint(path, model, variant=args.variant, preprocessing=pre)
+    return str(path), pre
+
+
+def naive_route(model, pre: Preprocessing, calib: np.ndarray, work: Path) -> dict:
+    """torch.onnx.export + `onnx2tf -oiqt -qt per-channel`, timed as a command."""
+    work.mkdir(parents=True, exist_ok=True)
+    onnx_path = work / "naive.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 3, pre.img_size, pre.img_size),), str(onnx_path),
+                      input_names=["input"], output_names=["logits"], opset_version=17, dynamo=False)
+    pixels = calib[:20].transpose(0, 2, 3, 1) * np.asarray(pre.std, np.float32) + np.asarray(pre.mean, np.float32)
+    np.save(work / "calibration_image_sample_data_20x128x128x3_float32.npy",
+            np.clip(pixels, 0, 1).astype(np.float32))
+    cmd = [str(BIN / "onnx2tf"), "-i", str(onnx_path), "-o", str(work / "out"), "-oiqt",
+           "-qt", "per-channel", "-osd"]
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        stats = measure(cmd, env=env)
+    finally:
+        os.chdir(cwd)
+    return {"onnx": onnx_path, "fp32": work / "out" / "naive_float32.tflite",
+            "int8": work / "out" / "naive_full_integer_quant.tflite", **stats}
+
+
+def edgestar_route(weights: str, args, calib_npy: Path, work: Path) -> dict:
+    out = work / "edgestar-run"
+    cmd = [str(BIN / "edgestar"), "quantize", "--variant", args.variant, "--weights", weights,
+           "--img-size", str(args.img_size), "--calib", str(calib_npy), "--calib-samples", "200",
+           "--eval-samples", "500", "--out", str(out), "--json", "-q"]
+    if args.num_classes and not args.weights:
+        cmd += ["--num-classes", str(args.num_classes)]
+    stats = measure(cmd)
+    manifest = json.loads((out / "manifest.json").read_text())
+    art = manifest["artifacts"]
+    return {"onnx": out / art["onnx"]["path"], "fp32": out / art["tflite_fp32"]["path"],
+            "int8": out / art["tflite_int8"]["path"], "manifest": manifest, **stats}
+
+
+def latency_ms(paths: dict[str, Path], onnx_path: Path, img_size: int, threads: int,
+               rounds: int, iters: int) -> dict[str, float]:
+    """Median per-inference latency, the models interleaved within every round."""
+    x = np.random.default_rng(0).standard_normal((1, 3, img_size, img_size)).astype(np.float32)
+    runners = {name: TFLiteRunner(p, num_threads=threads) for name, p in paths.items()}
+    runners["onnxruntime fp32 (edgestar ONNX)"] = OnnxRunner(onnx_path, num_threads=threads)
+    samples = {name: [] for name in runners}
+    for run in runners.values():
+        for _ in range(5):
+            run(x)
+    for _ in range(rounds):
+        for name, run in runners.items():
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                run(x)
+            samples[name].append((time.perf_counter() - t0) / iters * 1000)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def accuracy_against_torch(model, paths: dict[str, Path], folder, pre) -> dict:
+    torch_run = TorchRunner(model)
+    runners = {name: TFLiteRunner(p) for name, p in paths.items()}
+    agree = {n: 0 for n in runners}
+    max_diff = {n: 0.0 for n in runners}
+    files = [p for p, _ in folder.samples]
+    for i in range(0, len(files), 100):
+        x = load_batch(files[i:i + 100], pre)
+        ref = torch_run(x)
+        for name, run in runners.items():
+            y = run(x)
+            agree[name] += int((y.argmax(1) == ref.argmax(1)).sum())
+            max_diff[name] = max(max_diff[name], float(np.abs(y - ref).max()))
+    return {n: {"agreement": agree[n] / len(files), "max_abs_logit_diff": max_diff[n]} for n in runners}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", default="s1")
+    ap.add_argument("--weights", default=None, help="checkpoint path or 'demo' [default: seeded random]")
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--num-classes", type=int, default=1000)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--iters", type=int, default=20)
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=False)
+
+    weights, pre = make_checkpoint(args, args.work)
+    model, _ = build_model(args.variant, weights)
+    params = count_params(model)
+    calib, _ = calibration_inputs("demo", pre, samples=200)
+    calib_npy = args.work / "calib.npy"
+    np.save(calib_npy, calib)
+
+    # Conversions back to back, naive first and edgestar second, then once more in reverse
+    # order would double the time; one of each, side by side, is what is reported.
+    naive = naive_route(model, pre, calib, args.work / "naive")
+    ours = edgestar_route(weights, args, calib_npy, args.work)
+
+    artifacts = {"naive int8": naive["int8"], "edgestar int8": ours["int8"],
+                 "naive fp32": naive["fp32"], "edgestar fp32": ours["fp32"]}
+    lat = {t: latency_ms(artifacts, ours["onnx"], pre.img_size, t, args.rounds, args.iters) for t in (1, 2)}
+    folder = evaluation_set("demo", samples=500)
+    acc = accuracy_against_torch(model, artifacts, folder, pre)
+
+    rows = []
+    def row(label, naive_v, ours_v, fmt="{:.3g}", ratio=True):
+        r = f"{ours_v / naive_v:.2f}" if ratio and naive_v else "—"
+        rows.append(f"| {label} | {fmt.format(naive_v)} | {fmt.format(ours_v)} | {r} |")
+
+    n_ops, o_ops = op_counts(naive["int8"]), op_counts(ours["int8"])
+    for op in sorted(set(n_ops) | set(o_ops)):
+        row(f"INT8 ops: {op}", n_ops.get(op, 0), o_ops.get(op, 0), "{}", ratio=False)
+    row("INT8 grouped CONV_2D", grouped_convs(naive["int8"]), grouped_convs(ours["int8"]), "{}", ratio=False)
+    row("INT8 bytes", naive["int8"].stat().st_size, ours["int8"].stat().st_size, "{:,}")
+    row("INT8 bytes / parameter", naive["int8"].stat().st_size / params,
+        ours["int8"].stat().st_size / params, "{:.4f}")
+    for t in (1, 2):
+        row(f"INT8 latency, {t} thread(s), ms", lat[t]["naive int8"], lat[t]["edgestar int8"], "{:.2f}")
+    row("conversion wall time, s (naive: onnx2tf -oiqt; edgestar: whole quantize run)",
+        naive["wall_s"], ours["wall_s"], "{:.1f}")
+    row("peak process-tree RSS, MiB", naive["peak_tree_rss_mb"], ours["peak_tree_rss_mb"], "{:.0f}")
+    row("FP32 TFLite vs PyTorch max |dlogit| (500 images)", acc["naive fp32"]["max_abs_logit_diff"],
+        acc["edgestar fp32"]["max_abs_logit_diff"], "{:.2e}", ratio=False)
+    row("INT8 top-1 agreement with PyTorch (500 images)", acc["naive int8"]["agreement"],
+        acc["edgestar int8"]["agreement"], "{:.3f}", ratio=False)
+
+    print(f"StarNet-{args.variant}, {pre.img_size} px, {model.num_classes} classes, {params:,} parameters, "
+          f"weights: {args.weights or 'seeded random (random BN statistics)'}")
+    print("\n| measure | naive route | edgestar | edgestar / naive |\n|---|---|---|---|")
+    print("\n".join(rows))
+    print("\nLatency, ms (median of rounds; models interleaved in each round):")
+    print("| model | 1 thread | 2 threads |\n|---|---|---|")
+    for name in lat[1]:
+        print(f"| {name} | {lat[1][name]:.2f} | {lat[2][name]:.2f} |")
+    (args.work / "results.json").write_text(json.dumps(
+        {"latency_ms": lat, "accuracy": acc, "naive": {k: str(v) for k, v in naive.items()},
+         "edgestar": {k: str(v) for k, v in ours.items() if k != "manifest"}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
