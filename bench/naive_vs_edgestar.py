@@ -100,7 +100,9 @@ def latency_ms(paths: dict[str, Path], onnx_path: Path, img_size: int, threads: 
                rounds: int, iters: int) -> dict[str, float]:
     """Median per-inference latency, the models interleaved within every round."""
     x = np.random.default_rng(0).standard_normal((1, 3, img_size, img_size)).astype(np.float32)
-    runners = {name: TFLiteRunner(p, num_threads=threads) for name, p in paths.items()}
+    runners = {f"{name}, XNNPACK": TFLiteRunner(p, num_threads=threads) for name, p in paths.items()}
+    runners.update({f"{name}, builtin kernels": TFLiteRunner(p, num_threads=threads, xnnpack=False)
+                    for name, p in paths.items()})
     runners["onnxruntime fp32 (edgestar ONNX)"] = OnnxRunner(onnx_path, num_threads=threads)
     samples = {name: [] for name in runners}
     for run in runners.values():
@@ -173,8 +175,14 @@ def main():
     row("INT8 bytes", naive["int8"].stat().st_size, ours["int8"].stat().st_size, "{:,}")
     row("INT8 bytes / parameter", naive["int8"].stat().st_size / params,
         ours["int8"].stat().st_size / params, "{:.4f}")
+    for kernels in ("XNNPACK", "builtin kernels"):
+        for t in (1, 2):
+            row(f"INT8 latency, {kernels}, {t} thread(s), ms", lat[t][f"naive int8, {kernels}"],
+                lat[t][f"edgestar int8, {kernels}"], "{:.2f}")
     for t in (1, 2):
-        row(f"INT8 latency, {t} thread(s), ms", lat[t]["naive int8"], lat[t]["edgestar int8"], "{:.2f}")
+        best_naive = min(lat[t]["naive int8, XNNPACK"], lat[t]["naive int8, builtin kernels"])
+        best_ours = min(lat[t]["edgestar int8, XNNPACK"], lat[t]["edgestar int8, builtin kernels"])
+        row(f"INT8 latency, best kernels of each, {t} thread(s), ms", best_naive, best_ours, "{:.2f}")
     row("conversion wall time, s (naive: onnx2tf -oiqt; edgestar: whole quantize run)",
         naive["wall_s"], ours["wall_s"], "{:.1f}")
     row("peak process-tree RSS, MiB", naive["peak_tree_rss_mb"], ours["peak_tree_rss_mb"], "{:.0f}")

@@ -33,21 +33,34 @@ IO_TYPES = ("int8", "uint8", "float")
 ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
 
 
-def convert(onnx_path: Path, outputs: dict[str, Path], *, calibration: np.ndarray,
-            io_type: str, metadata: dict, log_path: Path, mean, std) -> dict:
-    """Build every format in ``outputs`` (format -> final path) from ``onnx_path``.
+def convert(onnx_path: Path, outputs: dict[str, Path], **options) -> dict:
+    """Build every format in ``outputs`` (format -> final path) from ``onnx_path`` and wait.
+
+    See :class:`Conversion` for the options. Returns per-format details (seconds).
+    """
+    return Conversion(onnx_path, outputs, **options).wait()
+
+
+class Conversion:
+    """A running conversion: the TensorFlow worker subprocess, started on construction.
+
+    The worker is mostly single-threaded (TensorFlow import, onnx2tf, calibration), so the
+    caller can do other work meanwhile (the pipeline evaluates PyTorch) and then ``wait()``.
 
     ``calibration`` holds float32 NCHW preprocessed inputs; it drives INT8 calibration and
-    provides onnx2tf's sample images. Returns per-format details (ops, seconds).
-    Raises StageError, naming the log, when anything expected was not produced.
+    provides onnx2tf's sample images (``mean``/``std`` undo the normalisation for those).
     """
-    unknown = set(outputs) - set(FORMATS)
-    if unknown:
-        raise ValueError(f"unknown formats {sorted(unknown)}")
-    if io_type not in IO_TYPES:
-        raise ValueError(f"unknown io type {io_type}")
-    with tempfile.TemporaryDirectory(prefix="edgestar-convert-") as work:
-        work = Path(work)
+
+    def __init__(self, onnx_path: Path, outputs: dict[str, Path], *, calibration: np.ndarray,
+                 io_type: str, metadata: dict, log_path: Path, mean, std):
+        unknown = set(outputs) - set(FORMATS)
+        if unknown:
+            raise ValueError(f"unknown formats {sorted(unknown)}")
+        if io_type not in IO_TYPES:
+            raise ValueError(f"unknown io type {io_type}")
+        self.outputs, self.log_path = outputs, Path(log_path)
+        self._tmp = tempfile.TemporaryDirectory(prefix="edgestar-convert-")
+        work = self.work = Path(self._tmp.name)
         shutil.copyfile(onnx_path, work / "model.onnx")
         np.save(work / "calibration.npy", calibration.transpose(0, 2, 3, 1).astype(np.float32))
         pixels = calibration.transpose(0, 2, 3, 1) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
@@ -66,18 +79,34 @@ def convert(onnx_path: Path, outputs: dict[str, Path], *, calibration: np.ndarra
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         env["CUDA_VISIBLE_DEVICES"] = "-1"
-        with open(log_path, "wb") as log:
-            proc = subprocess.run([sys.executable, "-m", "edgestar.convert", str(work / "spec.json")],
-                                  cwd=work, stdout=log, stderr=subprocess.STDOUT, env=env)
-        result_file = work / "result.json"
-        result = json.loads(result_file.read_text()) if result_file.exists() else None
-    if proc.returncode != 0 or result is None or result.get("error"):
-        reason = (result or {}).get("error") or f"converter exited with code {proc.returncode}"
-        raise StageError(f"TFLite conversion failed: {reason} (log: {log_path})")
-    missing = [fmt for fmt, p in outputs.items() if not Path(p).is_file()]
-    if missing:
-        raise StageError(f"TFLite conversion did not produce {', '.join(missing)} (log: {log_path})")
-    return result["formats"]
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgestar.convert", str(work / "spec.json")],
+                                     cwd=work, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def cancel(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self._close()
+
+    def wait(self) -> dict:
+        """Wait for the worker; raise StageError (naming the log) unless every output exists."""
+        try:
+            returncode = self.proc.wait()
+            result_file = self.work / "result.json"
+            result = json.loads(result_file.read_text()) if result_file.exists() else None
+        finally:
+            self._close()
+        if returncode != 0 or result is None or result.get("error"):
+            reason = (result or {}).get("error") or f"converter exited with code {returncode}"
+            raise StageError(f"TFLite conversion failed: {reason} (log: {self.log_path})")
+        missing = [fmt for fmt, p in self.outputs.items() if not Path(p).is_file()]
+        if missing:
+            raise StageError(f"TFLite conversion did not produce {', '.join(missing)} (log: {self.log_path})")
+        return result["formats"]
+
+    def _close(self) -> None:
+        self._log.close()
+        self._tmp.cleanup()
 
 
 # --------------------------------------------------------------------------- worker side

@@ -7,6 +7,7 @@ written, and ``QuantizeResult.passed`` says whether the gate held.
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import resource
 import sys
@@ -28,6 +29,7 @@ from .rundir import RunDir
 
 DEMO_CLASSES = 10
 FOLD_TOLERANCE = 1e-4  # relative to the logit scale; folding is exact up to float rounding
+ONNX_PARITY_IMAGES = 64
 PARITY_TOLERANCE = 1e-3  # FP32 TFLite / ONNX vs PyTorch, absolute logits: beyond it the model is wrong
 
 TOOL_PACKAGES = ("torch", "tensorflow", "onnx", "onnx2tf", "onnxruntime", "ai-edge-litert", "numpy")
@@ -164,9 +166,10 @@ def _run_stages(run: RunDir, config: QuantizeConfig, t_start: float, progress_fa
         rec["rotated_for_same_padding"] = exported["rotated_for_same_padding"]
         from .runtime import OnnxRunner
 
-        parity = max_abs_diff(OnnxRunner(onnx_path)(calib), _torch_logits(model, calib))
+        probe = calib[:ONNX_PARITY_IMAGES]  # TFLite FP32 is then checked on every eval image
+        parity = max_abs_diff(OnnxRunner(onnx_path)(probe), _torch_logits(model, probe))
         rec.update(ops=onnx_op_counts(onnx_path), onnxruntime_max_abs_logit_diff=parity,
-                   parity_images=len(calib))
+                   parity_images=len(probe))
         m["metrics"]["onnx_parity_max_abs"] = parity
         run.add_artifact("onnx", onnx_path)
         if parity > PARITY_TOLERANCE:
@@ -176,15 +179,24 @@ def _run_stages(run: RunDir, config: QuantizeConfig, t_start: float, progress_fa
     formats = ("fp32", "int8") + tuple(f for f in config.formats if f not in ("fp32", "int8"))
     paths = {fmt: run.path(_artifact_name(config.variant, pre.img_size, fmt)) for fmt in formats}
     with run.stage("convert") as rec:
-        from .convert import convert
+        from .convert import Conversion
         from .tflite_file import op_counts
 
         tflite_meta = {"edgestar_version": __version__, "variant": config.variant,
                        "num_classes": model.num_classes, "class_names": class_names,
                        "preprocessing": m["preprocessing"]}
-        details = convert(onnx_path, paths, calibration=calib, io_type=config.io_type,
-                          metadata=tflite_meta, log_path=run.path("convert.log"),
-                          mean=pre.mean, std=pre.std)
+        job = Conversion(onnx_path, paths, calibration=calib, io_type=config.io_type,
+                         metadata=tflite_meta, log_path=run.path("convert.log"),
+                         mean=pre.mean, std=pre.std)
+        try:
+            # The converter is mostly single-threaded: evaluate PyTorch meanwhile.
+            t0 = time.perf_counter()
+            reference = _reference_logits(model, folder, pre, progress_factory)
+            rec["pytorch_reference_seconds"] = round(time.perf_counter() - t0, 3)
+        except BaseException:
+            job.cancel()
+            raise
+        details = job.wait()
         for fmt, path in paths.items():
             details[fmt]["ops"] = dict(sorted(op_counts(path).items()))
             run.add_artifact(_artifact_key(fmt), path, io_type=config.io_type if fmt == "int8" else "float")
@@ -193,7 +205,7 @@ def _run_stages(run: RunDir, config: QuantizeConfig, t_start: float, progress_fa
     log("converted " + ", ".join(f"{p.name}" for p in paths.values()))
 
     with run.stage("validate") as rec:
-        m["metrics"].update(_validate(model, pre, paths, folder, labelled, progress_factory, rec))
+        m["metrics"].update(_validate(reference, pre, paths, folder, labelled, progress_factory, rec))
         parity = m["metrics"]["fp32_parity_max_abs"]
         if parity > PARITY_TOLERANCE:
             raise StageError(f"the FP32 TFLite model disagrees with PyTorch by {parity:.3g} "
@@ -266,10 +278,17 @@ def _is_demo_model(config: QuantizeConfig, model) -> bool:
     return config.weights == "demo" or model.num_classes == DEMO_CLASSES
 
 
-def _torch_logits(model, x: np.ndarray, batch: int = 64) -> np.ndarray:
+def batch_size_for(img_size: int) -> int:
+    """Images per PyTorch batch: 16 at 224 px, more at lower resolutions (activation memory
+    grows with the pixel count: S1's stem output alone is 1.6 MB per 224 px image)."""
+    return int(max(8, min(256, 16 * (224 / img_size) ** 2)))
+
+
+def _torch_logits(model, x: np.ndarray) -> np.ndarray:
     from .runtime import TorchRunner
 
     run = TorchRunner(model)
+    batch = batch_size_for(x.shape[-1])
     return np.concatenate([run(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
@@ -303,16 +322,34 @@ def _evaluation_folder(config: QuantizeConfig, num_classes: int, class_names):
     return folder, labelled
 
 
-def _validate(model, pre, paths, folder, labelled, progress_factory, rec) -> dict:
-    from .runtime import TFLiteRunner, TorchRunner
+def _reference_logits(model, folder, pre, progress_factory) -> np.ndarray:
+    """PyTorch FP32 logits on the evaluation set, on all cores but one (the converter's)."""
+    import torch
+
+    from .runtime import TorchRunner
+    from .validate import predict
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
+    bar = progress_factory(len(folder), "PyTorch reference") if progress_factory else None
+    try:
+        return predict(TorchRunner(model), folder, pre, chunk=batch_size_for(pre.img_size), progress=bar)
+    finally:
+        torch.set_num_threads(threads)
+        if bar is not None:
+            bar.close()
+
+
+def _validate(reference, pre, paths, folder, labelled, progress_factory, rec) -> dict:
+    from .runtime import TFLiteRunner
     from .validate import evaluate
 
-    runners = {"torch_fp32": TorchRunner(model)}
-    for fmt, path in paths.items():
-        runners[_artifact_key(fmt)] = TFLiteRunner(path)
+    threads = os.cpu_count() or 1
+    runners = {_artifact_key(fmt): TFLiteRunner(path, num_threads=threads) for fmt, path in paths.items()}
     bar = progress_factory(len(folder), "evaluation images") if progress_factory else None
     try:
-        result = evaluate(runners, folder, pre, reference="torch_fp32", progress=bar)
+        result = evaluate(runners, folder, pre, reference=reference, reference_name="torch_fp32",
+                          progress=bar, chunk=batch_size_for(pre.img_size))
     finally:
         if bar is not None:
             bar.close()

@@ -44,27 +44,35 @@ class EvaluationResult:
     images: int = 0
 
 
-def evaluate(runners: dict, folder: ImageFolder, pre: Preprocessing, *, reference: str,
-             chunk: int = 128, progress=None) -> EvaluationResult:
-    """Run every runner over ``folder``; compare each with ``runners[reference]``.
+def predict(run, folder: ImageFolder, pre: Preprocessing, *, chunk: int = 128,
+            progress=None) -> np.ndarray:
+    """Logits of one runner over the whole folder (the reference pass)."""
+    outputs = []
+    for start in range(0, len(folder.samples), chunk):
+        batch = folder.samples[start:start + chunk]
+        outputs.append(run(load_batch([p for p, _ in batch], pre)))
+        if progress is not None:
+            progress.update(len(batch))
+    return np.concatenate(outputs)
+
+
+def evaluate(runners: dict, folder: ImageFolder, pre: Preprocessing, *, reference: np.ndarray,
+             reference_name: str = "reference", chunk: int = 128, progress=None) -> EvaluationResult:
+    """Run every runner over ``folder`` and compare it with the ``reference`` logits.
 
     Returns top-1 / top-5 accuracy, top-1 agreement with the reference and the max absolute
-    logit difference from it, per runner.
+    logit difference from it, per runner, and the reference's own accuracy.
     """
-    stats = {name: EngineStats() for name in runners}
-    num_classes = None
-    k = 5
+    labels_all = np.array([label for _, label in folder.samples])
+    k = min(5, reference.shape[1])
+    stats = {reference_name: EngineStats(), **{name: EngineStats() for name in runners}}
+    stats[reference_name].update(reference, labels_all, reference, k)
     for start in range(0, len(folder.samples), chunk):
         batch = folder.samples[start:start + chunk]
         x = load_batch([p for p, _ in batch], pre)
-        labels = np.array([label for _, label in batch])
-        ref = runners[reference](x)
-        if num_classes is None:
-            num_classes = ref.shape[1]
-            k = min(5, num_classes)
+        ref = reference[start:start + len(batch)]
         for name, run in runners.items():
-            logits = ref if name == reference else run(x)
-            stats[name].update(logits, labels, ref, k)
+            stats[name].update(run(x), labels_all[start:start + len(batch)], ref, k)
         if progress is not None:
             progress.update(len(batch))
     return EvaluationResult({name: s.summary() for name, s in stats.items()}, len(folder.samples))
