@@ -49,10 +49,12 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     done.set()
     sampler.join()
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"command failed ({proc.returncode}): {err.strip().splitlines()[-1:]}")
     max_single = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"wall_s": wall, "peak_tree_rss_mb": peak / 2**20, "max_process_rss_mb": max_single}
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line] or lines
+    error = errors[-1].strip()[:300] if proc.returncode != 0 and errors else None
+    return {"wall_s": wall, "peak_tree_rss_mb": peak / 2**20, "max_process_rss_mb": max_single,
+            "returncode": proc.returncode, "error": error}
 
 
 def main():
@@ -66,6 +68,8 @@ def main():
     print(f"command: {' '.join(cmd)}")
     for i in range(args.repeat):
         r = measure([c.replace("{i}", str(i)) for c in cmd])
+        if r["returncode"] != 0:
+            sys.exit(f"command failed ({r['returncode']}): {r['error']}")
         print(f"run {i + 1}: wall {r['wall_s']:.1f} s, peak process-tree RSS "
               f"{r['peak_tree_rss_mb']:.0f} MiB, largest single process {r['max_process_rss_mb']:.0f} MiB")
 

@@ -90,6 +90,8 @@ def edgestar_route(weights: str, args, calib_npy: Path, work: Path) -> dict:
     if args.num_classes and not args.weights:
         cmd += ["--num-classes", str(args.num_classes)]
     stats = measure(cmd)
+    if stats["returncode"] != 0:
+        sys.exit(f"edgestar quantize failed: {stats['error']}")
     manifest = json.loads((out / "manifest.json").read_text())
     art = manifest["artifacts"]
     return {"onnx": out / art["onnx"]["path"], "fp32": out / art["tflite_fp32"]["path"],
@@ -157,42 +159,57 @@ def main():
     naive = naive_route(model, pre, calib, args.work / "naive")
     ours = edgestar_route(weights, args, calib_npy, args.work)
 
-    artifacts = {"naive int8": naive["int8"], "edgestar int8": ours["int8"],
-                 "naive fp32": naive["fp32"], "edgestar fp32": ours["fp32"]}
+    naive_ok = naive["returncode"] == 0 and naive["int8"].exists() and naive["fp32"].exists()
+    artifacts = {"edgestar int8": ours["int8"], "edgestar fp32": ours["fp32"]}
+    if naive_ok:
+        artifacts.update({"naive int8": naive["int8"], "naive fp32": naive["fp32"]})
     lat = {t: latency_ms(artifacts, ours["onnx"], pre.img_size, t, args.rounds, args.iters) for t in (1, 2)}
     folder = evaluation_set("demo", samples=500)
     acc = accuracy_against_torch(model, artifacts, folder, pre)
 
     rows = []
-    def row(label, naive_v, ours_v, fmt="{:.3g}", ratio=True):
-        r = f"{ours_v / naive_v:.2f}" if ratio and naive_v else "—"
-        rows.append(f"| {label} | {fmt.format(naive_v)} | {fmt.format(ours_v)} | {r} |")
+    failed = f"failed: {naive['error']}" if not naive_ok else None
 
-    n_ops, o_ops = op_counts(naive["int8"]), op_counts(ours["int8"])
+    def row(label, naive_v, ours_v, fmt="{:.3g}", ratio=True):
+        shown = fmt.format(naive_v) if naive_v is not None else "n/a"
+        r = f"{ours_v / naive_v:.2f}" if ratio and naive_v else "—"
+        rows.append(f"| {label} | {shown} | {fmt.format(ours_v)} | {r} |")
+
+    def naive_value(fn):
+        return fn() if naive_ok else None
+
+    n_ops = op_counts(naive["int8"]) if naive_ok else {}
+    o_ops = op_counts(ours["int8"])
     for op in sorted(set(n_ops) | set(o_ops)):
-        row(f"INT8 ops: {op}", n_ops.get(op, 0), o_ops.get(op, 0), "{}", ratio=False)
-    row("INT8 grouped CONV_2D", grouped_convs(naive["int8"]), grouped_convs(ours["int8"]), "{}", ratio=False)
-    row("INT8 bytes", naive["int8"].stat().st_size, ours["int8"].stat().st_size, "{:,}")
-    row("INT8 bytes / parameter", naive["int8"].stat().st_size / params,
+        row(f"INT8 ops: {op}", naive_value(lambda: n_ops.get(op, 0)), o_ops.get(op, 0), "{}", ratio=False)
+    row("INT8 grouped CONV_2D", naive_value(lambda: grouped_convs(naive["int8"])),
+        grouped_convs(ours["int8"]), "{}", ratio=False)
+    row("INT8 bytes", naive_value(lambda: naive["int8"].stat().st_size), ours["int8"].stat().st_size, "{:,}")
+    row("INT8 bytes / parameter", naive_value(lambda: naive["int8"].stat().st_size / params),
         ours["int8"].stat().st_size / params, "{:.4f}")
     for kernels in ("XNNPACK", "builtin kernels"):
         for t in (1, 2):
-            row(f"INT8 latency, {kernels}, {t} thread(s), ms", lat[t][f"naive int8, {kernels}"],
+            row(f"INT8 latency, {kernels}, {t} thread(s), ms",
+                naive_value(lambda: lat[t][f"naive int8, {kernels}"]),
                 lat[t][f"edgestar int8, {kernels}"], "{:.2f}")
     for t in (1, 2):
-        best_naive = min(lat[t]["naive int8, XNNPACK"], lat[t]["naive int8, builtin kernels"])
         best_ours = min(lat[t]["edgestar int8, XNNPACK"], lat[t]["edgestar int8, builtin kernels"])
-        row(f"INT8 latency, best kernels of each, {t} thread(s), ms", best_naive, best_ours, "{:.2f}")
+        row(f"INT8 latency, best kernels of each, {t} thread(s), ms",
+            naive_value(lambda: min(lat[t]["naive int8, XNNPACK"], lat[t]["naive int8, builtin kernels"])),
+            best_ours, "{:.2f}")
     row("conversion wall time, s (naive: onnx2tf -oiqt; edgestar: whole quantize run)",
         naive["wall_s"], ours["wall_s"], "{:.1f}")
     row("peak process-tree RSS, MiB", naive["peak_tree_rss_mb"], ours["peak_tree_rss_mb"], "{:.0f}")
-    row("FP32 TFLite vs PyTorch max |dlogit| (500 images)", acc["naive fp32"]["max_abs_logit_diff"],
+    row("FP32 TFLite vs PyTorch max |dlogit| (500 images)",
+        naive_value(lambda: acc["naive fp32"]["max_abs_logit_diff"]),
         acc["edgestar fp32"]["max_abs_logit_diff"], "{:.2e}", ratio=False)
-    row("INT8 top-1 agreement with PyTorch (500 images)", acc["naive int8"]["agreement"],
+    row("INT8 top-1 agreement with PyTorch (500 images)", naive_value(lambda: acc["naive int8"]["agreement"]),
         acc["edgestar int8"]["agreement"], "{:.3f}", ratio=False)
 
     print(f"StarNet-{args.variant}, {pre.img_size} px, {model.num_classes} classes, {params:,} parameters, "
           f"weights: {args.weights or 'seeded random (random BN statistics)'}")
+    if failed:
+        print(f"\nnaive route {failed}")
     print("\n| measure | naive route | edgestar | edgestar / naive |\n|---|---|---|---|")
     print("\n".join(rows))
     print("\nLatency, ms (median of rounds; models interleaved in each round):")
