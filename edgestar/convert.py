@@ -5,9 +5,9 @@ converter writes each requested format, with builtin ops only, so an op TFLite c
 fails the conversion instead of silently becoming a Flex op. INT8 is calibrated here on our
 own calibration inputs (onnx2tf would drop QDQ scales anyway).
 
-TensorFlow runs in a subprocess (``python -m edgestar.convert SPEC.json``): onnx2tf exits with
-``sys.exit``, logs heavily and holds ~1 GB; none of that should reach the caller. The worker
-runs in a private working directory holding
+TensorFlow runs in a subprocess (``python -m edgestar.convert --serve WORKDIR``, see
+:class:`Conversion`): onnx2tf exits with ``sys.exit``, logs heavily and holds ~1 GB; none of
+that should reach the caller. The worker runs in a private working directory holding
 ``calibration_image_sample_data_20x128x128x3_float32.npy`` made from our images, because
 onnx2tf otherwise downloads that file on every conversion, and on a private copy of the ONNX
 file, because onnx2tf rewrites its input in place.
@@ -31,36 +31,51 @@ from .rundir import temp_path_for
 FORMATS = ("fp32", "int8", "fp16", "dynamic")
 IO_TYPES = ("int8", "uint8", "float")
 ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
+SPEC_FILE = "spec.json"
 
 
-def convert(onnx_path: Path, outputs: dict[str, Path], **options) -> dict:
+def convert(onnx_path: Path, outputs: dict[str, Path], *, log_path: Path, **options) -> dict:
     """Build every format in ``outputs`` (format -> final path) from ``onnx_path`` and wait.
 
-    See :class:`Conversion` for the options. Returns per-format details (seconds).
+    See :meth:`Conversion.submit` for the options. Returns per-format details (seconds).
     """
-    return Conversion(onnx_path, outputs, **options).wait()
+    return Conversion(log_path).submit(onnx_path, outputs, **options).wait()
 
 
 class Conversion:
-    """A running conversion: the TensorFlow worker subprocess, started on construction.
+    """The TensorFlow worker subprocess; started at construction so that importing TensorFlow
+    and onnx2tf (seconds) overlaps whatever the caller does before :meth:`submit`.
 
-    The worker is mostly single-threaded (TensorFlow import, onnx2tf, calibration), so the
-    caller can do other work meanwhile (the pipeline evaluates PyTorch) and then ``wait()``.
-
-    ``calibration`` holds float32 NCHW preprocessed inputs; it drives INT8 calibration and
-    provides onnx2tf's sample images (``mean``/``std`` undo the normalisation for those).
+    The worker is mostly single-threaded (imports, onnx2tf, calibration), so after submitting
+    the caller can work meanwhile (the pipeline evaluates PyTorch) and then ``wait()``.
     """
 
-    def __init__(self, onnx_path: Path, outputs: dict[str, Path], *, calibration: np.ndarray,
-                 io_type: str, metadata: dict, log_path: Path, mean, std):
+    def __init__(self, log_path: Path):
+        self.log_path = Path(log_path)
+        self.outputs: dict[str, Path] = {}
+        self._tmp = tempfile.TemporaryDirectory(prefix="edgestar-convert-")
+        self.work = Path(self._tmp.name)
+        env = dict(os.environ)
+        # onnx2tf runs onnxsim from PATH; make sure our interpreter's scripts are found first.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        env["CUDA_VISIBLE_DEVICES"] = "-1"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgestar.convert", "--serve", str(self.work)],
+                                     cwd=self.work, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def submit(self, onnx_path: Path, outputs: dict[str, Path], *, calibration: np.ndarray,
+               io_type: str, metadata: dict, mean, std) -> "Conversion":
+        """Hand the worker its job. ``calibration`` holds float32 NCHW preprocessed inputs; it
+        drives INT8 calibration and provides onnx2tf's sample images (``mean``/``std`` undo
+        the normalisation for those)."""
         unknown = set(outputs) - set(FORMATS)
         if unknown:
             raise ValueError(f"unknown formats {sorted(unknown)}")
         if io_type not in IO_TYPES:
             raise ValueError(f"unknown io type {io_type}")
-        self.outputs, self.log_path = outputs, Path(log_path)
-        self._tmp = tempfile.TemporaryDirectory(prefix="edgestar-convert-")
-        work = self.work = Path(self._tmp.name)
+        work = self.work
+        self.outputs = outputs
         shutil.copyfile(onnx_path, work / "model.onnx")
         np.save(work / "calibration.npy", calibration.transpose(0, 2, 3, 1).astype(np.float32))
         pixels = calibration.transpose(0, 2, 3, 1) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
@@ -73,19 +88,26 @@ class Conversion:
             "metadata": metadata,
             "result": str(work / "result.json"),
         }
-        (work / "spec.json").write_text(json.dumps(spec))
-        env = dict(os.environ)
-        # onnx2tf runs onnxsim from PATH; make sure our interpreter's scripts are found first.
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        env["CUDA_VISIBLE_DEVICES"] = "-1"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "edgestar.convert", str(work / "spec.json")],
-                                     cwd=work, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        (work / "spec.json.tmp").write_text(json.dumps(spec))
+        os.replace(work / "spec.json.tmp", work / SPEC_FILE)  # the worker starts on this rename
+        return self
+
+    def wait_for(self, path: Path, poll_s: float = 0.05) -> bool:
+        """Block until ``path`` is written (outputs are renamed into place when complete) or
+        the worker has ended; return whether the file exists."""
+        path = Path(path)
+        while not path.exists() and self.proc.poll() is None:
+            time.sleep(poll_s)
+        return path.exists()
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
 
     def cancel(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
+            self.proc.wait()
         self._close()
 
     def wait(self) -> dict:
@@ -255,5 +277,21 @@ def _write_with_metadata(model: bytes, path: Path, metadata: dict) -> None:
     os.replace(tmp, path)
 
 
+def _serve(work: str) -> int:
+    """Import the heavy modules, then wait for the job spec (or for the parent to go away)."""
+    parent = os.getppid()
+    import onnx2tf  # noqa: F401  (the point: pay the import while the parent works)
+    import tensorflow  # noqa: F401
+
+    spec = Path(work) / SPEC_FILE
+    while not spec.exists():
+        if os.getppid() != parent:
+            return 1
+        time.sleep(0.02)
+    return _worker(str(spec))
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--serve":
+        sys.exit(_serve(sys.argv[2]))
     sys.exit(_worker(sys.argv[1]))

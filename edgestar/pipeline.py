@@ -108,15 +108,19 @@ def quantize(config: QuantizeConfig, *, progress_factory=None, log=None) -> Quan
     out = Path(config.out) if config.out else default_out(config.variant)
     run = RunDir.create(out, tool="edgestar quantize", created=datetime.now(timezone.utc).isoformat(
         timespec="seconds"), config=_config_dict(config), versions=tool_versions(), inputs={})
+    from .convert import Conversion
+
+    job = Conversion(run.path("convert.log"))  # imports TensorFlow while PyTorch stages run
     try:
-        return _run_stages(run, config, t_start, progress_factory, log)
+        return _run_stages(run, job, config, t_start, progress_factory, log)
     except BaseException:
+        job.cancel()
         # A model from a failed run must not look like a finished one.
         run.quarantine_artifacts()
         raise
 
 
-def _run_stages(run: RunDir, config: QuantizeConfig, t_start: float, progress_factory, log):
+def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progress_factory, log):
     m = run.manifest
     notes: list[str] = []
 
@@ -179,23 +183,24 @@ def _run_stages(run: RunDir, config: QuantizeConfig, t_start: float, progress_fa
     formats = ("fp32", "int8") + tuple(f for f in config.formats if f not in ("fp32", "int8"))
     paths = {fmt: run.path(_artifact_name(config.variant, pre.img_size, fmt)) for fmt in formats}
     with run.stage("convert") as rec:
-        from .convert import Conversion
         from .tflite_file import op_counts
 
         tflite_meta = {"edgestar_version": __version__, "variant": config.variant,
                        "num_classes": model.num_classes, "class_names": class_names,
                        "preprocessing": m["preprocessing"]}
-        job = Conversion(onnx_path, paths, calibration=calib, io_type=config.io_type,
-                         metadata=tflite_meta, log_path=run.path("convert.log"),
-                         mean=pre.mean, std=pre.std)
-        try:
-            # The converter is mostly single-threaded: evaluate PyTorch meanwhile.
-            t0 = time.perf_counter()
-            reference = _reference_logits(model, folder, pre, progress_factory)
-            rec["pytorch_reference_seconds"] = round(time.perf_counter() - t0, 3)
-        except BaseException:
-            job.cancel()
-            raise
+        _release_freed_memory()  # the converter subprocess is about to need ~1 GB
+        job.submit(onnx_path, paths, calibration=calib, io_type=config.io_type,
+                   metadata=tflite_meta, mean=pre.mean, std=pre.std)
+        # The converter is mostly single-threaded: meanwhile evaluate PyTorch, then the FP32
+        # model as soon as it is written (INT8 calibration takes longer). On any error the
+        # caller cancels the job.
+        t0 = time.perf_counter()
+        reference = _reference_logits(model, folder, pre, progress_factory)
+        rec["pytorch_reference_seconds"] = round(time.perf_counter() - t0, 3)
+        early = {}
+        if job.wait_for(paths["fp32"]):
+            early = _evaluate_tflite({"fp32": paths["fp32"]}, reference, pre, folder,
+                                     progress_factory, spare_core=job.running)
         details = job.wait()
         for fmt, path in paths.items():
             details[fmt]["ops"] = dict(sorted(op_counts(path).items()))
@@ -205,7 +210,10 @@ def _run_stages(run: RunDir, config: QuantizeConfig, t_start: float, progress_fa
     log("converted " + ", ".join(f"{p.name}" for p in paths.values()))
 
     with run.stage("validate") as rec:
-        m["metrics"].update(_validate(reference, pre, paths, folder, labelled, progress_factory, rec))
+        rest = {fmt: path for fmt, path in paths.items() if _artifact_key(fmt) not in early}
+        engines = {**early, **_evaluate_tflite(rest, reference, pre, folder, progress_factory)}
+        rec.update(engines=engines, images=len(folder), labelled=labelled, source=str(folder.root))
+        m["metrics"].update(_metrics(engines, len(folder), labelled))
         parity = m["metrics"]["fp32_parity_max_abs"]
         if parity > PARITY_TOLERANCE:
             raise StageError(f"the FP32 TFLite model disagrees with PyTorch by {parity:.3g} "
@@ -340,36 +348,58 @@ def _reference_logits(model, folder, pre, progress_factory) -> np.ndarray:
             bar.close()
 
 
-def _validate(reference, pre, paths, folder, labelled, progress_factory, rec) -> dict:
+def _evaluate_tflite(paths: dict, reference, pre, folder, progress_factory, *,
+                     spare_core: bool = False) -> dict:
+    """Accuracy, agreement and logit error of each TFLite artifact against ``reference``;
+    ``spare_core`` leaves one core to the converter while it still runs."""
     from .runtime import TFLiteRunner
     from .validate import evaluate
 
+    if not paths:
+        return {}
     threads = os.cpu_count() or 1
+    threads = max(1, threads - 1) if spare_core else threads
     runners = {_artifact_key(fmt): TFLiteRunner(path, num_threads=threads) for fmt, path in paths.items()}
-    bar = progress_factory(len(folder), "evaluation images") if progress_factory else None
+    names = ", ".join(f.upper() for f in paths)
+    bar = progress_factory(len(folder), f"evaluation images ({names})") if progress_factory else None
     try:
         result = evaluate(runners, folder, pre, reference=reference, reference_name="torch_fp32",
                           progress=bar, chunk=batch_size_for(pre.img_size))
     finally:
         if bar is not None:
             bar.close()
-    rec.update(engines=result.engines, images=result.images, labelled=labelled,
-               source=str(folder.root))
+    return result.engines
+
+
+def _metrics(engines: dict, images: int, labelled: bool) -> dict:
+    """The manifest/JSON metrics from per-engine statistics."""
     metrics: dict = {}
-    for name, stats in result.engines.items():
+    for name, stats in engines.items():
         metrics[name] = ({"top1": stats["top1"], "top5": stats["top5"]} if labelled
                          else {"top1": None, "top5": None})
         if name != "torch_fp32":
             metrics[name]["agreement"] = stats["agreement_top1"]
             metrics[name]["max_abs_logit_diff"] = stats["max_abs_logit_diff"]
-    int8 = result.engines["tflite_int8"]
-    ref = result.engines["torch_fp32"]
+    int8, ref = engines["tflite_int8"], engines["torch_fp32"]
     metrics["int8_top1_drop_pt"] = (ref["top1"] - int8["top1"]) * 100.0 if labelled else None
     metrics["int8_agreement"] = int8["agreement_top1"]
-    metrics["fp32_parity_max_abs"] = result.engines["tflite_fp32"]["max_abs_logit_diff"]
-    metrics["eval_images"] = result.images
+    metrics["fp32_parity_max_abs"] = engines["tflite_fp32"]["max_abs_logit_diff"]
+    metrics["eval_images"] = images
     metrics["eval_labelled"] = labelled
     return metrics
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by earlier stages (ONNX Runtime, PyTorch batches) back to the OS;
+    glibc keeps it otherwise. A no-op where malloc_trim does not exist."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _peak_rss_mb() -> dict:
