@@ -112,7 +112,6 @@ def read_metadata(model: bytes | str | Path, name: str = METADATA_NAME) -> dict 
 
 def add_metadata(model: bytes, payload: dict, name: str = METADATA_NAME) -> bytes:
     """Return ``model`` with a JSON metadata entry ``name`` (replacing an existing one)."""
-    import flatbuffers
     import numpy as np
 
     schema = _schema()

@@ -12,6 +12,9 @@ from edgestar.models import create_model, fold_batchnorms
 from edgestar.rewrite import ROTATION_NODE, flip_for_same_padding, strip_input_rotation
 from edgestar.runtime import OnnxRunner
 
+# the TorchScript exporter (what edgestar uses) warns that it is deprecated
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
 
 def _to_onnx(module, size):
     buf = io.BytesIO()
