@@ -14,7 +14,7 @@ import click
 
 from . import __version__
 from .errors import EdgestarError
-from .models import DOWNSAMPLE_FACTOR, VARIANTS
+from .registry import DOWNSAMPLE_FACTOR, VARIANTS
 
 
 class ImageSize(click.ParamType):

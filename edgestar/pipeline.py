@@ -255,7 +255,7 @@ def check_deployable(paths: dict) -> None:
 
 def _check_config(config: QuantizeConfig) -> None:
     from .convert import IO_TYPES
-    from .models import get_variant
+    from .registry import get_variant
 
     get_variant(config.variant)
     if config.img_size is not None:
