@@ -122,7 +122,9 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
     if val == "demo":
         val = str(demo_split("eval"))
     out = Path(out) if out else Path("runs") / f"{variant}-train-{_timestamp()}" / "model.pt"
-    _check_writable(out.parent)
+    from .rundir import ensure_writable_dir
+
+    ensure_writable_dir(out.parent)
     cfg = TrainConfig(variant=variant, img_size=img_size, epochs=epochs, batch_size=batch_size,
                       lr=lr, weight_decay=weight_decay, drop_path_rate=drop_path, seed=seed,
                       crop_pct=crop_pct, max_steps=max_steps)
@@ -192,12 +194,6 @@ def quantize(variant, weights, num_classes, img_size, calib, calib_samples, eval
 
 def _timestamp() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-def _check_writable(directory: Path) -> None:
-    from .rundir import ensure_writable_dir
-
-    ensure_writable_dir(directory)
 
 
 if __name__ == "__main__":

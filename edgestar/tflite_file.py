@@ -23,22 +23,26 @@ def _op_names() -> dict[int, str]:
     return {v: k for k, v in vars(ops).items() if not k.startswith("_") and isinstance(v, int)}
 
 
-def op_counts(model: bytes | str | Path) -> Counter:
-    """Operator histogram of subgraph 0, e.g. ``{'CONV_2D': 30, 'MUL': 16, ...}``."""
-    buf = _read(model)
+def _operators(model):
+    """``(schema, subgraph 0, [(op name, operator), ...])``; custom ops named ``CUSTOM:<code>``."""
     schema = _schema()
-    m = schema.Model.GetRootAs(buf, 0)
-    names = _op_names()
-    codes = []
+    m = schema.Model.GetRootAs(_read(model), 0)
+    builtin = _op_names()
+    names = []
     for i in range(m.OperatorCodesLength()):
         oc = m.OperatorCodes(i)
-        code = max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode())
-        if code == schema.BuiltinOperator.CUSTOM:
-            codes.append(f"CUSTOM:{oc.CustomCode().decode()}")
-        else:
-            codes.append(names.get(code, str(code)))
+        code = max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode())  # schema v3 keeps both fields
+        names.append(f"CUSTOM:{oc.CustomCode().decode()}" if code == schema.BuiltinOperator.CUSTOM
+                     else builtin.get(code, str(code)))
     graph = m.Subgraphs(0)
-    return Counter(codes[graph.Operators(i).OpcodeIndex()] for i in range(graph.OperatorsLength()))
+    ops = [graph.Operators(i) for i in range(graph.OperatorsLength())]
+    return schema, graph, [(names[op.OpcodeIndex()], op) for op in ops]
+
+
+def op_counts(model: bytes | str | Path) -> Counter:
+    """Operator histogram of subgraph 0, e.g. ``{'CONV_2D': 30, 'MUL': 16, ...}``."""
+    _, _, ops = _operators(model)
+    return Counter(name for name, _ in ops)
 
 
 # Builtin ops with int8 kernels in TensorFlow Lite Micro (its MicroMutableOpResolver), restricted
@@ -52,51 +56,30 @@ TFLM_INT8_OPS = frozenset({
 
 
 def flex_ops(counts: Counter) -> list[str]:
-    return sorted(op for op in counts if op.startswith("CUSTOM:Flex") or op.startswith("CUSTOM:"))
-
-
-def _graph(model):
-    buf = _read(model)
-    schema = _schema()
-    m = schema.Model.GetRootAs(buf, 0)
-    return schema, m, m.Subgraphs(0)
+    """Flex (SELECT_TF) and other custom ops: no edge runtime edgestar targets has them."""
+    return sorted(op for op in counts if op.startswith("CUSTOM:"))
 
 
 def float_ops_inside(model) -> list[str]:
     """Ops of an integer model that compute in float (QUANTIZE in / DEQUANTIZE out excepted)."""
-    schema, m, g = _graph(model)
-    names = _op_names()
+    schema, graph, ops = _operators(model)
+    floats = (schema.TensorType.FLOAT32, schema.TensorType.FLOAT16)
     found = []
-    for i in range(g.OperatorsLength()):
-        op = g.Operators(i)
-        oc = m.OperatorCodes(op.OpcodeIndex())
-        name = names.get(max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode()), "?")
-        tensors = [op.Inputs(j) for j in range(op.InputsLength())] + \
-                  [op.Outputs(j) for j in range(op.OutputsLength())]
-        if name == "QUANTIZE":
-            tensors = [op.Outputs(j) for j in range(op.OutputsLength())]
-        elif name == "DEQUANTIZE":
-            tensors = [op.Inputs(j) for j in range(op.InputsLength())]
-        if any(t >= 0 and g.Tensors(t).Type() in (schema.TensorType.FLOAT32, schema.TensorType.FLOAT16)
-               for t in tensors):
+    for name, op in ops:
+        inputs = [op.Inputs(j) for j in range(op.InputsLength())]
+        outputs = [op.Outputs(j) for j in range(op.OutputsLength())]
+        tensors = {"QUANTIZE": outputs, "DEQUANTIZE": inputs}.get(name, inputs + outputs)
+        if any(t >= 0 and graph.Tensors(t).Type() in floats for t in tensors):
             found.append(name)
     return found
 
 
 def grouped_convs(model) -> int:
     """CONV_2D ops whose filter sees fewer input channels than the input has (grouped)."""
-    schema, m, g = _graph(model)
-    conv = schema.BuiltinOperator.CONV_2D
-    count = 0
-    for i in range(g.OperatorsLength()):
-        op = g.Operators(i)
-        oc = m.OperatorCodes(op.OpcodeIndex())
-        if max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode()) != conv:
-            continue
-        channels = g.Tensors(op.Inputs(0)).ShapeAsNumpy()[-1]
-        filter_in = g.Tensors(op.Inputs(1)).ShapeAsNumpy()[-1]
-        count += int(filter_in != channels)
-    return count
+    _, graph, ops = _operators(model)
+    return sum(
+        int(graph.Tensors(op.Inputs(1)).ShapeAsNumpy()[-1] != graph.Tensors(op.Inputs(0)).ShapeAsNumpy()[-1])
+        for name, op in ops if name == "CONV_2D")
 
 
 def read_metadata(model: bytes | str | Path, name: str = METADATA_NAME) -> dict | None:
