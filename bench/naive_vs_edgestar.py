@@ -59,6 +59,25 @@ def make_checkpoint(args, work: Path) -> tuple[str, Preprocessing]:
     return str(path), pre
 
 
+def checkpoint_arguments(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark here shares: which model, and a fresh work folder."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", default="s1")
+    ap.add_argument("--weights", default=None, help="checkpoint path or 'demo' [default: seeded random]")
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--num-classes", type=int, default=1000)
+    ap.add_argument("--work", type=Path, required=True)
+    return ap
+
+
+def prepare(args):
+    """Create the work folder and the checkpoint; return (weights, preprocessing, model)."""
+    args.work.mkdir(parents=True, exist_ok=False)
+    weights, pre = make_checkpoint(args, args.work)
+    model, _ = build_model(args.variant, weights)
+    return weights, pre, model
+
+
 def naive_route(model, pre: Preprocessing, calib: np.ndarray, work: Path) -> dict:
     """torch.onnx.export + `onnx2tf -oiqt -qt per-channel`, timed as a command."""
     work.mkdir(parents=True, exist_ok=True)
@@ -135,26 +154,17 @@ def accuracy_against_torch(model, paths: dict[str, Path], folder, pre) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", default="s1")
-    ap.add_argument("--weights", default=None, help="checkpoint path or 'demo' [default: seeded random]")
-    ap.add_argument("--img-size", type=int, default=224)
-    ap.add_argument("--num-classes", type=int, default=1000)
-    ap.add_argument("--work", type=Path, required=True)
+    ap = checkpoint_arguments(__doc__)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iters", type=int, default=20)
     args = ap.parse_args()
-    args.work.mkdir(parents=True, exist_ok=False)
-
-    weights, pre = make_checkpoint(args, args.work)
-    model, _ = build_model(args.variant, weights)
+    weights, pre, model = prepare(args)
     params = count_params(model)
     calib, _ = calibration_inputs("demo", pre, samples=200)
     calib_npy = args.work / "calib.npy"
     np.save(calib_npy, calib)
 
-    # Conversions back to back, naive first and edgestar second, then once more in reverse
-    # order would double the time; one of each, side by side, is what is reported.
+    # One conversion of each route, back to back on the same machine state.
     naive = naive_route(model, pre, calib, args.work / "naive")
     ours = edgestar_route(weights, args, calib_npy, args.work)
 

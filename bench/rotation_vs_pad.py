@@ -6,7 +6,6 @@ Both INT8 models come from one checkpoint (seeded random weights with random BN 
 unless --weights is given) and the same 50 calibration images; latency is the median of 9
 interleaved rounds of 15 invocations, XNNPACK and builtin kernels, 1 and 2 threads.
 """
-import argparse
 import statistics
 import sys
 import time
@@ -15,9 +14,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from naive_vs_edgestar import make_checkpoint  # noqa: E402
+from naive_vs_edgestar import checkpoint_arguments, prepare  # noqa: E402
 
-from edgestar.checkpoints import build_model  # noqa: E402
 from edgestar.convert import convert  # noqa: E402
 from edgestar.data import calibration_inputs  # noqa: E402
 from edgestar.export import export_onnx  # noqa: E402
@@ -27,16 +25,8 @@ from edgestar.tflite_file import op_counts  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", default="s1")
-    ap.add_argument("--weights", default=None)
-    ap.add_argument("--img-size", type=int, default=224)
-    ap.add_argument("--num-classes", type=int, default=1000)
-    ap.add_argument("--work", type=Path, required=True)
-    args = ap.parse_args()
-    args.work.mkdir(parents=True, exist_ok=False)
-    weights, pre = make_checkpoint(args, args.work)
-    model, _ = build_model(args.variant, weights)
+    args = checkpoint_arguments(__doc__).parse_args()
+    _, pre, model = prepare(args)
     folded = fold_batchnorms(model)
     calib, _ = calibration_inputs("demo", pre, samples=50)
     models = {}
