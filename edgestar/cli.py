@@ -147,6 +147,10 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
 @click.option("--calib", default="demo", show_default=True, metavar="DIR|FILE.npy|demo",
               help="Calibration images: a folder (searched recursively), a .npy array, or the demo set.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--calibrator", type=click.Choice(["edgestar", "tflite"]), default="edgestar",
+              show_default=True,
+              help="Where INT8 activation ranges are measured: on the PyTorch model (fast, "
+                   "exact ranges), or by TFLite's own calibrator (slow; the baseline).")
 @click.option("--eval", "eval_", default=None, metavar="DIR|demo",
               help="Labelled evaluation folder (one sub-folder per class) [default: the demo set].")
 @click.option("--eval-samples", type=click.IntRange(min=1), default=None,
@@ -166,7 +170,7 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
                    "unpickling can run any code.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout at the end.")
 @quiet_option
-def quantize(variant, weights, num_classes, img_size, calib, calib_samples, eval_, eval_samples,
+def quantize(variant, weights, num_classes, img_size, calib, calib_samples, calibrator, eval_, eval_samples,
              io_type, formats, max_drop, out, seed, unsafe_allow_pickle, as_json, quiet):
     """Convert a StarNet checkpoint to validated FP32 and INT8 TFLite models."""
     from .pipeline import QuantizeConfig, quantize as run_quantize
@@ -174,7 +178,7 @@ def quantize(variant, weights, num_classes, img_size, calib, calib_samples, eval
 
     config = QuantizeConfig(
         variant=variant, weights=weights, num_classes=num_classes, img_size=img_size,
-        calib=calib, calib_samples=calib_samples, eval=eval_, eval_samples=eval_samples,
+        calib=calib, calib_samples=calib_samples, calibrator=calibrator, eval=eval_, eval_samples=eval_samples,
         io_type=io_type, formats=tuple(formats), max_drop=max_drop,
         out=Path(out) if out else None, allow_pickle=unsafe_allow_pickle, seed=seed)
     log = (lambda *_: None) if quiet else (lambda msg: click.echo(msg, err=True))

@@ -2,8 +2,10 @@
 
 Route: onnx2tf builds the Keras graph (NHWC) from the ONNX file, then TensorFlow's TFLite
 converter writes each requested format, with builtin ops only, so an op TFLite cannot lower
-fails the conversion instead of silently becoming a Flex op. INT8 is calibrated here on our
-own calibration inputs (onnx2tf would drop QDQ scales anyway).
+fails the conversion instead of silently becoming a Flex op. INT8 comes from TFLite's
+quantizer applied to the FP32 graph with activation ranges the parent measured in PyTorch
+(:mod:`edgestar.calibrate`); TFLite's own calibrator over our calibration inputs is the
+fallback. (onnx2tf would drop QDQ scales anyway.)
 
 TensorFlow runs in a subprocess (``python -m edgestar.convert --serve WORKDIR``, see
 :class:`Conversion`): onnx2tf exits with ``sys.exit``, logs heavily and holds ~1 GB; none of
@@ -27,19 +29,26 @@ import numpy as np
 
 from .errors import StageError
 from .rundir import temp_path_for
+from .tflite_file import add_metadata
 
 FORMATS = ("fp32", "int8", "fp16", "dynamic")
 IO_TYPES = ("int8", "uint8", "float")
 ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
 SPEC_FILE = "spec.json"
+FLOAT_MODEL = "fp32.tflite"  # worker -> parent: the FP32 graph, written before INT8 starts
+RANGES_MODEL = "ranges.tflite"  # parent -> worker: that graph with activation ranges recorded
+CALIBRATE_HERE = "calibrate_here"  # parent -> worker: no ranges, run TFLite's calibrator
 
 
 def convert(onnx_path: Path, outputs: dict[str, Path], *, log_path: Path, **options) -> dict:
-    """Build every format in ``outputs`` (format -> final path) from ``onnx_path`` and wait.
+    """Build every format in ``outputs`` (format -> final path) from ``onnx_path`` and wait;
+    INT8 is calibrated by TFLite's calibrator on ``calibration``.
 
     See :meth:`Conversion.submit` for the options. Returns per-format details (seconds).
     """
-    return Conversion(log_path).submit(onnx_path, outputs, **options).wait()
+    job = Conversion(log_path).submit(onnx_path, outputs, **options)
+    job.calibrate_in_worker()
+    return job.wait()
 
 
 class Conversion:
@@ -92,6 +101,20 @@ class Conversion:
         os.replace(work / "spec.json.tmp", work / SPEC_FILE)  # the worker starts on this rename
         return self
 
+    @property
+    def float_model(self) -> Path:
+        """Where the worker puts the FP32 graph (without metadata) before it quantizes."""
+        return self.work / FLOAT_MODEL
+
+    def quantize_with(self, ranges_model: bytes) -> None:
+        """Let the worker quantize the FP32 graph with these recorded activation ranges
+        (see :mod:`edgestar.calibrate`)."""
+        _write_atomic(self.work / RANGES_MODEL, ranges_model)
+
+    def calibrate_in_worker(self) -> None:
+        """Let the worker measure the ranges itself with TFLite's calibrator."""
+        (self.work / CALIBRATE_HERE).touch()
+
     def wait_for(self, path: Path, poll_s: float = 0.05) -> bool:
         """Block until ``path`` is written (outputs are renamed into place when complete) or
         the worker has ended; return whether the file exists."""
@@ -111,7 +134,11 @@ class Conversion:
         self._close()
 
     def wait(self) -> dict:
-        """Wait for the worker; raise StageError (naming the log) unless every output exists."""
+        """Wait for the worker; raise StageError (naming the log) unless every output exists.
+        An INT8 job whose caller sent no ranges must have been told to calibrate itself."""
+        if "int8" in self.outputs and not any(
+                (self.work / f).exists() for f in (RANGES_MODEL, CALIBRATE_HERE)):
+            raise RuntimeError("INT8 requested: call quantize_with() or calibrate_in_worker() first")
         try:
             returncode = self.proc.wait()
             result_file = self.work / "result.json"
@@ -135,18 +162,32 @@ class Conversion:
 
 def _worker(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
+    work = Path(spec_path).parent
     result: dict = {"formats": {}}
     try:
         keras_model, seconds = _onnx_to_keras(spec["onnx"])
         result["onnx2tf_seconds"] = seconds
         graph = _concrete_function(keras_model)
-        calibration = np.load(spec["calibration"])
-        for fmt, out in spec["outputs"].items():
+        outputs = spec["outputs"]
+        # FP32 first: the parent needs it to measure INT8 ranges; then the other float
+        # formats while it does; INT8 last.
+        order = ["fp32"] + [f for f in outputs if f not in ("fp32", "int8")] + ["int8"]
+        for fmt in order:
+            if fmt not in outputs and fmt != "fp32":
+                continue
             t0 = time.perf_counter()
-            model = _to_tflite(graph, fmt, calibration, spec["io_type"])
-            _write_with_metadata(model, Path(out), {**spec["metadata"], "format": fmt,
-                                                    "io_type": spec["io_type"] if fmt == "int8" else "float"})
-            result["formats"][fmt] = {"seconds": round(time.perf_counter() - t0, 3)}
+            details = {}
+            if fmt == "int8":
+                model, details["ranges"] = _quantize(graph, work, spec["io_type"])
+            else:
+                model = _to_tflite(graph, fmt)
+            if fmt == "fp32":
+                _write_atomic(work / FLOAT_MODEL, model)
+            if fmt in outputs:
+                _write_atomic(Path(outputs[fmt]), add_metadata(model, {
+                    **spec["metadata"], "format": fmt,
+                    "io_type": spec["io_type"] if fmt == "int8" else "float"}))
+                result["formats"][fmt] = {"seconds": round(time.perf_counter() - t0, 3), **details}
     except SystemExit as exc:  # onnx2tf reports errors this way
         result["error"] = f"onnx2tf stopped (exit code {exc.code}); see the log for its message"
     except Exception as exc:  # anything TensorFlow raises: report one line, full trace in log
@@ -156,6 +197,25 @@ def _worker(spec_path: str) -> int:
         result["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     Path(spec["result"]).write_text(json.dumps(result))
     return 0 if "error" not in result else 1
+
+
+def _quantize(graph, work: Path, io_type: str) -> tuple[bytes, str]:
+    """INT8 from the ranges the parent measured (``RANGES_MODEL``), or, when it asks for it
+    (``CALIBRATE_HERE``), from TFLite's own calibrator over ``calibration.npy``."""
+    import tensorflow as tf
+    from tensorflow.lite.python.convert import mlir_quantize
+
+    parent = os.getppid()
+    while not (work / RANGES_MODEL).exists() and not (work / CALIBRATE_HERE).exists():
+        if os.getppid() != parent:
+            raise RuntimeError("the parent process went away before sending INT8 ranges")
+        time.sleep(0.02)
+    io_dtype = {"int8": tf.int8, "uint8": tf.uint8, "float": tf.float32}[io_type]
+    if (work / RANGES_MODEL).exists():
+        calibrated = (work / RANGES_MODEL).read_bytes()
+        return mlir_quantize(calibrated, input_data_type=io_dtype, output_data_type=io_dtype), "edgestar"
+    calibration = np.load(work / "calibration.npy")
+    return _to_tflite(graph, "int8", calibration, io_dtype), "tflite"
 
 
 def _keep_residual_adds_nhwc() -> None:
@@ -244,7 +304,7 @@ def _concrete_function(keras_model):
     return tf.function(lambda x: keras_model(x, training=False)).get_concrete_function(spec)
 
 
-def _to_tflite(graph, fmt: str, calibration: np.ndarray, io_type: str) -> bytes:
+def _to_tflite(graph, fmt: str, calibration: np.ndarray | None = None, io_dtype=None) -> bytes:
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions([graph])
@@ -263,17 +323,14 @@ def _to_tflite(graph, fmt: str, calibration: np.ndarray, io_type: str) -> bytes:
                 yield [calibration[i:i + 1]]
 
         converter.representative_dataset = representative_dataset
-        io_dtype = {"int8": tf.int8, "uint8": tf.uint8, "float": tf.float32}[io_type]
         converter.inference_input_type = io_dtype
         converter.inference_output_type = io_dtype
     return converter.convert()
 
 
-def _write_with_metadata(model: bytes, path: Path, metadata: dict) -> None:
-    from .tflite_file import add_metadata
-
+def _write_atomic(path: Path, data: bytes) -> None:
     tmp = temp_path_for(path)
-    tmp.write_bytes(add_metadata(model, metadata))
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 

@@ -32,6 +32,11 @@ FOLD_TOLERANCE = 1e-4  # relative to the logit scale; folding is exact up to flo
 ONNX_PARITY_IMAGES = 64
 PARITY_TOLERANCE = 1e-3  # FP32 TFLite / ONNX vs PyTorch, absolute logits: beyond it the model is wrong
 
+CALIBRATORS = {
+    "edgestar": "min/max of each activation measured on the folded PyTorch model",
+    "tflite": "TFLite's own calibrator on the FP32 .tflite (single-threaded reference kernels)",
+}
+
 TOOL_PACKAGES = ("torch", "tensorflow", "onnx", "onnx2tf", "onnxruntime", "ai-edge-litert", "numpy")
 
 
@@ -45,6 +50,7 @@ class QuantizeConfig:
     img_size: int | None = None
     calib: str = "demo"
     calib_samples: int = 300
+    calibrator: str = "edgestar"  # where INT8 activation ranges are measured, see CALIBRATORS
     eval: str | None = None  # None: the demo evaluation set, used with labels if classes match
     eval_samples: int | None = None
     io_type: str = "int8"
@@ -190,14 +196,19 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
                        "preprocessing": m["preprocessing"]}
         job.submit(onnx_path, paths, calibration=calib, io_type=config.io_type,
                    metadata=tflite_meta, mean=pre.mean, std=pre.std)
+        # The converter is mostly single-threaded: meanwhile measure the INT8 ranges and
+        # evaluate PyTorch, then the FP32 model as soon as it is written. On any error the
+        # caller cancels the job.
+        t0 = time.perf_counter()
+        ranges = _measure_ranges(folded, calib, config.calibrator)
+        rec["range_seconds"] = round(time.perf_counter() - t0, 3)
+        sample = calib[:1].copy()
         del calib, probe  # the worker has its own copy; ~120 MB at 224 px
         _release_freed_memory()  # the converter subprocess is about to need ~1 GB
-        # The converter is mostly single-threaded: meanwhile evaluate PyTorch, then the FP32
-        # model as soon as it is written (INT8 calibration takes longer). On any error the
-        # caller cancels the job.
         t0 = time.perf_counter()
         reference = _reference_logits(model, folder, pre, progress_factory)
         rec["pytorch_reference_seconds"] = round(time.perf_counter() - t0, 3)
+        rec["calibration"] = _send_ranges(job, ranges, sample, notes)
         early = {}
         if job.wait_for(paths["fp32"]):
             early = _evaluate_tflite({"fp32": paths["fp32"]}, reference, pre, folder,
@@ -234,6 +245,46 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
 
 # --------------------------------------------------------------------------- helpers
 
+def _measure_ranges(folded, calib: np.ndarray, calibrator: str):
+    """(fx graph, fx node -> (min, max)) for the edgestar calibrator, measured on all cores
+    but the converter's; None for TFLite's calibrator."""
+    if calibrator != "edgestar":
+        return None
+    import torch
+
+    from .calibrate import node_ranges, trace
+
+    gm = trace(folded)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
+    try:
+        return gm, node_ranges(gm, calib, batch=batch_size_for(calib.shape[-1]))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _send_ranges(job, ranges, sample: np.ndarray, notes: list[str]) -> dict:
+    """Give the converter its INT8 ranges once the FP32 graph exists, or let it calibrate
+    itself; return what was done, for the manifest."""
+    from .calibrate import UnmatchedTensors, calibrated_model
+
+    if ranges is None:
+        job.calibrate_in_worker()
+        return {"calibrator": "tflite"}
+    if not job.wait_for(job.float_model):
+        return {"calibrator": "edgestar", "error": "the converter stopped before the FP32 graph"}
+    gm, node_range = ranges
+    try:
+        model, pairs = calibrated_model(job.float_model.read_bytes(), gm, sample, node_range)
+    except UnmatchedTensors as exc:
+        job.calibrate_in_worker()
+        notes.append(f"{len(exc.args[0])} TFLite tensors had no PyTorch counterpart; INT8 ranges "
+                     "came from TFLite's calibrator instead")
+        return {"calibrator": "tflite", "unmatched_tensors": exc.args[0]}
+    job.quantize_with(model)
+    return {"calibrator": "edgestar", "tensors": len(pairs)}
+
+
 def check_deployable(paths: dict) -> None:
     """Refuse graphs an edge runtime cannot run as built: Flex ops anywhere; in the INT8 model,
     float compute inside the graph or an op TFLite Micro has no int8 kernel for."""
@@ -265,6 +316,8 @@ def _check_config(config: QuantizeConfig) -> None:
     bad = [f for f in config.formats if f not in ("fp32", "int8", "fp16", "dynamic")]
     if bad:
         raise InputError(f"unknown format {bad[0]!r}; choose from fp16, dynamic")
+    if config.calibrator not in CALIBRATORS:
+        raise InputError(f"unknown calibrator {config.calibrator!r}; choose one of {', '.join(CALIBRATORS)}")
     if config.calib_samples < 1:
         raise InputError(f"--calib-samples must be at least 1, got {config.calib_samples}")
     if config.max_drop is not None and config.max_drop < 0:

@@ -1,0 +1,188 @@
+"""INT8 activation ranges measured in PyTorch and handed to TFLite's own quantizer.
+
+TFLite's post-training quantizer needs one ``(min, max)`` per float activation tensor of the
+FP32 graph. Its built-in calibrator gets them by running the FP32 ``.tflite`` image by image
+on TFLite's reference kernels, single-threaded: ~12 s for 200 images of StarNet-S1 at 224 px.
+edgestar measures the same statistic on the folded PyTorch model instead (batched, on every
+core, and overlapping the ONNX -> TensorFlow conversion), then writes the ranges into the FP32
+flatbuffer exactly where the calibrator would (``QuantizationParameters.min/max``) and lets
+TFLite's quantizer (``mlir_quantize``) do the rest. The quantized file is the one TFLite's
+calibrator would produce, up to float rounding in the ranges.
+
+Which PyTorch value is which TFLite tensor is found by value, not by name: one image runs
+through both graphs, and each TFLite activation tensor is paired with the torch.fx node whose
+output equals it (NHWC vs NCHW; spatially rotated by 180 degrees after edgestar's rotation
+rewrite, see :mod:`edgestar.rewrite`). Fused ops need no special case: a CONV_2D with fused
+ReLU6 equals the ``ReLU6`` node's output. A tensor without a match raises
+:class:`UnmatchedTensors` and the caller falls back to TFLite's calibrator.
+
+Owning the ranges is also what lets quantization-aware training train with the very ranges
+the deployed model will use.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+MATCH_TOLERANCE = 1e-3  # max |TFLite - PyTorch| relative to the tensor's max |value|
+RANGE_DIGITS = 5  # ranges are rounded outward to this many significant digits (see _round_out)
+
+
+class UnmatchedTensors(RuntimeError):
+    """Some TFLite activation tensors have no PyTorch counterpart (names in ``args[0]``)."""
+
+
+def trace(model):
+    """torch.fx graph of an eval-mode (folded) model: every intermediate value is a node."""
+    import torch.fx
+
+    return torch.fx.symbolic_trace(model.eval())
+
+
+def _interpreter(gm, on_value):
+    """An fx interpreter calling ``on_value(node_name, tensor)`` for every tensor it computes."""
+    import torch
+    import torch.fx
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                on_value(n.name, value)
+            return value
+
+    return Recorder(gm)
+
+
+def node_values(gm, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Every floating-point intermediate of ``gm`` for the NCHW batch ``x``."""
+    import torch
+
+    values: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        _interpreter(gm, lambda name, v: values.__setitem__(name, v.numpy().copy())).run(
+            torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+    return values
+
+
+def node_ranges(gm, inputs: np.ndarray, *, batch: int) -> dict[str, tuple[float, float]]:
+    """Global (min, max) of every intermediate over all ``inputs`` (what TFLite's calibrator
+    records per tensor), rounded outward to ``RANGE_DIGITS`` significant digits."""
+    import torch
+
+    lo: dict[str, float] = {}
+    hi: dict[str, float] = {}
+
+    def update(name, v):
+        a, b = torch.aminmax(v)
+        lo[name] = min(lo.get(name, math.inf), float(a))
+        hi[name] = max(hi.get(name, -math.inf), float(b))
+
+    recorder = _interpreter(gm, update)
+    with torch.no_grad():
+        for i in range(0, len(inputs), batch):
+            recorder.run(torch.from_numpy(np.ascontiguousarray(inputs[i:i + batch], np.float32)))
+    return {name: (_round_out(lo[name], math.floor), _round_out(hi[name], math.ceil)) for name in lo}
+
+
+def _round_out(v: float, direction) -> float:
+    """``v`` rounded away from the range's inside to RANGE_DIGITS significant digits.
+
+    Float sums differ in their last bits with the thread count; rounding makes the ranges,
+    and so the INT8 file, identical across machines in all but rare boundary cases, at a
+    cost of at most 1e-5 of the range.
+    """
+    if v == 0.0 or not math.isfinite(v):
+        return v
+    step = 10.0 ** (math.floor(math.log10(abs(v))) - RANGE_DIGITS + 1)
+    return float(np.float32(direction(v / step) * step))
+
+
+# --------------------------------------------------------------------------- TFLite side
+
+def activation_tensors(model: bytes) -> list[int]:
+    """Indices of the float tensors TFLite's calibrator records: the graph inputs and every
+    op output, in execution order."""
+    from .tflite_file import _operators
+
+    schema, graph, ops = _operators(model)
+    found: list[int] = []
+    for t in [graph.Inputs(i) for i in range(graph.InputsLength())] + [
+            op.Outputs(j) for _, op in ops for j in range(op.OutputsLength())]:
+        if t >= 0 and t not in found and graph.Tensors(t).Type() == schema.TensorType.FLOAT32:
+            found.append(t)
+    return found
+
+
+def tflite_values(model: bytes, x_nhwc: np.ndarray, tensors: list[int]) -> dict[int, np.ndarray]:
+    """The values of ``tensors`` when the FP32 model runs one NHWC image (reference kernels,
+    every intermediate kept)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interp = Interpreter(model_content=model, experimental_preserve_all_tensors=True,
+                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interp.allocate_tensors()
+    interp.set_tensor(interp.get_input_details()[0]["index"], np.ascontiguousarray(x_nhwc, np.float32))
+    interp.invoke()
+    return {t: interp.get_tensor(t).copy() for t in tensors}
+
+
+def _as_nhwc_views(v: np.ndarray) -> list[np.ndarray]:
+    """A PyTorch value as TFLite may hold it: NCHW -> NHWC, as is and rotated by 180 degrees."""
+    if v.ndim != 4:
+        return [v]
+    nhwc = v.transpose(0, 2, 3, 1)
+    return [nhwc, nhwc[:, ::-1, ::-1, :]]
+
+
+def match_tensors(model: bytes, gm, sample: np.ndarray) -> dict[int, str]:
+    """Pair every activation tensor of the FP32 TFLite ``model`` with the fx node of ``gm``
+    computing the same value on ``sample`` (one NCHW image); raise UnmatchedTensors if any
+    tensor has none."""
+    tensors = activation_tensors(model)
+    flite = tflite_values(model, sample.transpose(0, 2, 3, 1), tensors)
+    torch_values = node_values(gm, sample)
+    by_shape: dict[tuple, list[tuple[str, np.ndarray]]] = {}
+    for name, v in torch_values.items():
+        for view in _as_nhwc_views(v):
+            by_shape.setdefault(view.shape, []).append((name, view))
+    pairs: dict[int, str] = {}
+    unmatched = []
+    for t, value in flite.items():
+        scale = max(float(np.abs(value).max()), 1e-6)
+        best = min(((float(np.abs(view - value).max()) / scale, name)
+                    for name, view in by_shape.get(value.shape, [])), default=None)
+        if best is None or best[0] > MATCH_TOLERANCE:
+            unmatched.append(t)
+        else:
+            pairs[t] = best[1]
+    if unmatched:
+        raise UnmatchedTensors(unmatched)
+    return pairs
+
+
+def with_ranges(model: bytes, ranges: dict[int, tuple[float, float]]) -> bytes:
+    """The FP32 flatbuffer with ``(min, max)`` recorded on the given tensors, as TFLite's
+    calibrator records them: the input of ``mlir_quantize``."""
+    from .tflite_file import _schema, pack_model
+
+    schema = _schema()
+    obj = schema.ModelT.InitFromObj(schema.Model.GetRootAs(model, 0))
+    tensors = obj.subgraphs[0].tensors
+    for t, (lo, hi) in ranges.items():
+        q = schema.QuantizationParametersT()
+        q.min, q.max = [float(lo)], [float(hi)]
+        tensors[t].quantization = q
+    return pack_model(obj, size_hint=len(model))
+
+
+def calibrated_model(model: bytes, gm, sample: np.ndarray,
+                     ranges: dict[str, tuple[float, float]]) -> tuple[bytes, dict[int, str]]:
+    """FP32 ``model`` annotated with ``ranges`` (fx node -> (min, max), see
+    :func:`node_ranges`), its tensors paired to nodes on ``sample`` (one NCHW image).
+
+    Returns the annotated model and the tensor -> node pairing.
+    """
+    pairs = match_tensors(model, gm, sample)
+    return with_ranges(model, {t: ranges[name] for t, name in pairs.items()}), pairs
