@@ -100,11 +100,10 @@ def naive_route(model, pre: Preprocessing, calib: np.ndarray, work: Path) -> dic
             "int8": work / "out" / "naive_full_integer_quant.tflite", **stats}
 
 
-def edgestar_route(weights: str, args, calib_npy: Path, work: Path) -> dict:
-    out = work / "edgestar-run"
+def edgestar_route(weights: str, args, calib_npy: Path, out: Path) -> dict:
     cmd = [str(BIN / "edgestar"), "quantize", "--variant", args.variant, "--weights", weights,
            "--img-size", str(args.img_size), "--calib", str(calib_npy), "--calib-samples", "200",
-           "--eval-samples", "500", "--out", str(out), "--json", "-q"]
+           "--eval-samples", "500", "--target", args.target, "--out", str(out), "--json", "-q"]
     if args.num_classes and not args.weights:
         cmd += ["--num-classes", str(args.num_classes)]
     stats = measure(cmd)
@@ -157,6 +156,9 @@ def main():
     ap = checkpoint_arguments(__doc__)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--target", default="cpu", choices=["cpu", "micro"], help="edgestar quantize --target")
+    ap.add_argument("--conversions", type=int, default=2,
+                    help="conversions per route, alternating naive/edgestar; medians reported")
     args = ap.parse_args()
     weights, pre, model = prepare(args)
     params = count_params(model)
@@ -164,9 +166,19 @@ def main():
     calib_npy = args.work / "calib.npy"
     np.save(calib_npy, calib)
 
-    # One conversion of each route, back to back on the same machine state.
-    naive = naive_route(model, pre, calib, args.work / "naive")
-    ours = edgestar_route(weights, args, calib_npy, args.work)
+    # The routes alternate, so slow phases of this shared machine hit both alike.
+    naive_runs, our_runs = [], []
+    for i in range(args.conversions):
+        naive_runs.append(naive_route(model, pre, calib, args.work / f"naive{i}"))
+        our_runs.append(edgestar_route(weights, args, calib_npy, args.work / f"edgestar{i}"))
+    naive, ours = naive_runs[0], our_runs[0]
+    for key in ("wall_s", "peak_tree_rss_mb"):
+        naive[key] = statistics.median(r[key] for r in naive_runs)
+        ours[key] = statistics.median(r[key] for r in our_runs)
+    print("conversion wall s, naive:", [r["wall_s"] for r in naive_runs],
+          "edgestar:", [r["wall_s"] for r in our_runs])
+    print("peak RSS MiB, naive:", [r["peak_tree_rss_mb"] for r in naive_runs],
+          "edgestar:", [r["peak_tree_rss_mb"] for r in our_runs])
 
     naive_ok = naive["returncode"] == 0 and naive["int8"].exists() and naive["fp32"].exists()
     artifacts = {"edgestar int8": ours["int8"], "edgestar fp32": ours["fp32"]}

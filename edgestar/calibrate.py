@@ -96,7 +96,11 @@ def _round_out(v: float, direction) -> float:
     if v == 0.0 or not math.isfinite(v):
         return v
     step = 10.0 ** (math.floor(math.log10(abs(v))) - RANGE_DIGITS + 1)
-    return float(np.float32(direction(v / step) * step))
+    rounded = np.float32(direction(v / step) * step)  # the flatbuffer stores float32
+    outward = np.float32(-np.inf if direction is math.floor else np.inf)
+    while (rounded > v) if direction is math.floor else (rounded < v):
+        rounded = np.nextafter(rounded, outward)
+    return float(rounded)
 
 
 # --------------------------------------------------------------------------- TFLite side

@@ -147,6 +147,9 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
 @click.option("--calib", default="demo", show_default=True, metavar="DIR|FILE.npy|demo",
               help="Calibration images: a folder (searched recursively), a .npy array, or the demo set.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--target", type=click.Choice(["cpu", "micro"]), default="cpu", show_default=True,
+              help="Runtime to shape the graph for: cpu = LiteRT/XNNPACK on phones and boards "
+                   "(7x7 depthwise convs split for speed); micro = TFLite Micro.")
 @click.option("--calibrator", type=click.Choice(["edgestar", "tflite"]), default="edgestar",
               show_default=True,
               help="Where INT8 activation ranges are measured: on the PyTorch model (fast, "
@@ -170,7 +173,7 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
                    "unpickling can run any code.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout at the end.")
 @quiet_option
-def quantize(variant, weights, num_classes, img_size, calib, calib_samples, calibrator, eval_, eval_samples,
+def quantize(variant, weights, num_classes, img_size, calib, calib_samples, target, calibrator, eval_, eval_samples,
              io_type, formats, max_drop, out, seed, unsafe_allow_pickle, as_json, quiet):
     """Convert a StarNet checkpoint to validated FP32 and INT8 TFLite models."""
     from .pipeline import QuantizeConfig, quantize as run_quantize
@@ -178,7 +181,7 @@ def quantize(variant, weights, num_classes, img_size, calib, calib_samples, cali
 
     config = QuantizeConfig(
         variant=variant, weights=weights, num_classes=num_classes, img_size=img_size,
-        calib=calib, calib_samples=calib_samples, calibrator=calibrator, eval=eval_, eval_samples=eval_samples,
+        calib=calib, calib_samples=calib_samples, calibrator=calibrator, target=target, eval=eval_, eval_samples=eval_samples,
         io_type=io_type, formats=tuple(formats), max_drop=max_drop,
         out=Path(out) if out else None, allow_pickle=unsafe_allow_pickle, seed=seed)
     log = (lambda *_: None) if quiet else (lambda msg: click.echo(msg, err=True))

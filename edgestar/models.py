@@ -158,3 +158,93 @@ def fold_batchnorms(model: StarNet) -> StarNet:
 
 def count_batchnorms(model: nn.Module) -> int:
     return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+# --------------------------------------------------------------------------- large depthwise kernels
+
+XNNPACK_MAX_UNIPASS_TAPS = 25  # XNNPACK's largest single-pass depthwise kernel (5x5)
+SPLIT_MIN_SIDE = 14  # split only convs on feature maps at least this wide (see split_large_depthwise)
+
+
+class DilatedSplitConv(nn.Module):
+    """A stride-1 depthwise KxK conv (K odd) computed as three smaller depthwise convs.
+
+    Tap offsets run from -K//2 to K//2. The taps at even row offsets form a (K//2) x K kernel
+    with row dilation 2; the taps at odd row offsets split by column parity into two kernels
+    with dilation 2. Every part's taps are centred on the output pixel, so each part is a
+    symmetric-padded ("SAME") conv: no PAD or SLICE is needed. For 7x7 the parts are 3x7, 4x3
+    and 4x4, 49 taps in all, none wasted, each at most 25 taps. The parts' sum equals the
+    original conv up to float rounding.
+
+    Why: XNNPACK (LiteRT's CPU delegate) runs depthwise kernels of up to 25 taps in one pass
+    and larger ones through a multipass kernel that measured 25x slower than 5x5 on this
+    machine's x86 CPU (bench/RESULTS.md). The cost: two more INT8 tensors to quantize per
+    conv, and slower reference kernels (TFLite Micro), hence ``--target micro`` keeps 7x7.
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        if not is_splittable_depthwise(conv):
+            raise ValueError("not a stride-1, symmetric-padded, odd-sized depthwise conv")
+        c = conv.out_channels
+        kh, kw = conv.kernel_size
+        even_rows = slice((kh // 2) % 2, kh, 2)  # row offsets -K//2 + r that are even
+        odd_rows = slice(1 - (kh // 2) % 2, kh, 2)
+        even_cols, odd_cols = slice((kw // 2) % 2, kw, 2), slice(1 - (kw // 2) % 2, kw, 2)
+        self.parts = nn.ModuleList()
+        for rows, cols in ((even_rows, slice(0, kw, 1)), (odd_rows, even_cols), (odd_rows, odd_cols)):
+            w = conv.weight[:, :, rows, cols]
+            dilation = (rows.step, cols.step)
+            # a centred kernel of n taps with dilation d spans d*(n-1)+1: pad half of it less one
+            padding = tuple(d * (n - 1) // 2 for d, n in zip(dilation, w.shape[2:]))
+            part = nn.Conv2d(c, c, tuple(w.shape[2:]), padding=padding, dilation=dilation, groups=c,
+                             bias=not self.parts and conv.bias is not None)
+            with torch.no_grad():
+                part.weight.copy_(w)
+                if part.bias is not None:
+                    part.bias.copy_(conv.bias)
+            self.parts.append(part)
+
+    def forward(self, x):
+        y = self.parts[0](x)
+        for part in self.parts[1:]:
+            y = y + part(x)
+        return y
+
+
+def is_splittable_depthwise(conv: nn.Module) -> bool:
+    if not isinstance(conv, nn.Conv2d):
+        return False
+    kh, kw = conv.kernel_size
+    return (conv.groups == conv.in_channels == conv.out_channels and conv.stride == (1, 1)
+            and conv.dilation == (1, 1) and kh % 2 == 1 and kw % 2 == 1
+            and conv.padding == (kh // 2, kw // 2) and conv.padding_mode == "zeros"
+            and kh * kw > XNNPACK_MAX_UNIPASS_TAPS)
+
+
+@torch.no_grad()
+def split_large_depthwise(model: nn.Module, img_size: int) -> tuple[nn.Module, int]:
+    """A copy of ``model`` with every depthwise conv of more than 25 taps on a feature map at
+    least ``SPLIT_MIN_SIDE`` pixels wide replaced by a :class:`DilatedSplitConv`; returns it and
+    how many convs were split. ``img_size`` gives the feature map sizes.
+
+    Small maps keep the whole conv: the split's gain scales with the pixel count (4.5 ms at
+    56x56x96, 0.13 ms at 7x7x192 on this machine) while its cost, two more INT8 roundings per
+    conv, does not; on the 32 px demo model splitting every conv cost 1.4 points of INT8/FP32
+    agreement. On a 1-pixel map the odd-offset parts would read only padding, an all-zero
+    tensor an INT8 graph cannot even scale (XNNPACK refuses the add).
+    """
+    model = copy.deepcopy(model).eval()
+    sizes: dict[nn.Module, tuple[int, int]] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: sizes.__setitem__(mod, tuple(args[0].shape[2:])))
+             for m in model.modules() if is_splittable_depthwise(m)]
+    model(torch.zeros(1, 3, img_size, img_size))
+    for h in hooks:
+        h.remove()
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if is_splittable_depthwise(child) and min(sizes.get(child, (0, 0))) >= SPLIT_MIN_SIDE:
+                setattr(parent, name, DilatedSplitConv(child))
+                count += 1
+    return model, count

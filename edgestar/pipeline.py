@@ -12,6 +12,7 @@ import platform
 import resource
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
@@ -24,13 +25,20 @@ from .checkpoints import build_model, sha256_file
 from .data import Preprocessing, calibration_inputs, evaluation_set
 from .errors import InputError, StageError
 from .export import export_onnx, max_abs_diff, onnx_op_counts
-from .models import check_img_size, count_batchnorms, count_params, fold_batchnorms
+from .models import (check_img_size, count_batchnorms, count_params, fold_batchnorms,
+                     split_large_depthwise)
 from .rundir import RunDir
 
 DEMO_CLASSES = 10
 FOLD_TOLERANCE = 1e-4  # relative to the logit scale; folding is exact up to float rounding
 ONNX_PARITY_IMAGES = 64
 PARITY_TOLERANCE = 1e-3  # FP32 TFLite / ONNX vs PyTorch, absolute logits: beyond it the model is wrong
+
+TARGETS = {
+    "cpu": "LiteRT with XNNPACK (phones, Raspberry Pi, ARM boards): 7x7 depthwise convs are "
+           "split into four dilated ones, which XNNPACK runs in one pass each",
+    "micro": "TFLite Micro: 7x7 depthwise convs kept whole (fewer ops, smaller arena)",
+}
 
 CALIBRATORS = {
     "edgestar": "min/max of each activation measured on the folded PyTorch model",
@@ -51,6 +59,7 @@ class QuantizeConfig:
     calib: str = "demo"
     calib_samples: int = 300
     calibrator: str = "edgestar"  # where INT8 activation ranges are measured, see CALIBRATORS
+    target: str = "cpu"  # the runtime the graph is shaped for, see TARGETS
     eval: str | None = None  # None: the demo evaluation set, used with labels if classes match
     eval_samples: int | None = None
     io_type: str = "int8"
@@ -162,6 +171,8 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
 
     with run.stage("fold") as rec:
         folded = fold_batchnorms(model)
+        if config.target == "cpu":
+            folded, rec["split_depthwise_convs"] = split_large_depthwise(folded, pre.img_size)
         probe = calib[: min(len(calib), 16)]
         ref_probe = _torch_logits(model, probe)
         diff = max_abs_diff(_torch_logits(folded, probe), ref_probe)
@@ -196,21 +207,23 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
                        "preprocessing": m["preprocessing"]}
         job.submit(onnx_path, paths, calibration=calib, io_type=config.io_type,
                    metadata=tflite_meta, mean=pre.mean, std=pre.std)
-        # The converter is mostly single-threaded: meanwhile measure the INT8 ranges and
-        # evaluate PyTorch, then the FP32 model as soon as it is written. On any error the
-        # caller cancels the job.
+        # The converter is mostly single-threaded: meanwhile measure the INT8 ranges, hand
+        # them over as soon as the FP32 graph exists (a thread waits for it) and evaluate
+        # PyTorch. On any error the caller cancels the job, which also ends the thread.
         t0 = time.perf_counter()
         ranges = _measure_ranges(folded, calib, config.calibrator)
         rec["range_seconds"] = round(time.perf_counter() - t0, 3)
-        sample = calib[:1].copy()
+        pool = ThreadPoolExecutor(max_workers=1)
+        sent = pool.submit(_send_ranges, job, ranges, calib[:1].copy(), notes)
+        pool.shutdown(wait=False)
         del calib, probe  # the worker has its own copy; ~120 MB at 224 px
         _release_freed_memory()  # the converter subprocess is about to need ~1 GB
         t0 = time.perf_counter()
         reference = _reference_logits(model, folder, pre, progress_factory)
         rec["pytorch_reference_seconds"] = round(time.perf_counter() - t0, 3)
-        rec["calibration"] = _send_ranges(job, ranges, sample, notes)
+        rec["calibration"] = sent.result()
         early = {}
-        if job.wait_for(paths["fp32"]):
+        if job.running and job.wait_for(paths["fp32"]):  # else: evaluate all formats in one pass
             early = _evaluate_tflite({"fp32": paths["fp32"]}, reference, pre, folder,
                                      progress_factory, spare_core=job.running)
         details = job.wait()
@@ -316,6 +329,8 @@ def _check_config(config: QuantizeConfig) -> None:
     bad = [f for f in config.formats if f not in ("fp32", "int8", "fp16", "dynamic")]
     if bad:
         raise InputError(f"unknown format {bad[0]!r}; choose from fp16, dynamic")
+    if config.target not in TARGETS:
+        raise InputError(f"unknown target {config.target!r}; choose one of {', '.join(TARGETS)}")
     if config.calibrator not in CALIBRATORS:
         raise InputError(f"unknown calibrator {config.calibrator!r}; choose one of {', '.join(CALIBRATORS)}")
     if config.calib_samples < 1:

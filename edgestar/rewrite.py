@@ -8,7 +8,8 @@ copy of the feature map and, on a microcontroller, keeps both copies alive in th
 Rotating the image by 180 degrees and every kernel with it changes nothing for a network whose
 stride-1 convs are padded symmetrically and which ends in a global average pool: each feature
 map is the rotated original. For a conv with stride s, kernel K and pads (pb, pe) on an input
-of size H with output size Ho, the rotated conv needs pads (s*(Ho-1) + K - H - pb, pb); for
+of size H with output size Ho, the rotated conv needs pads (s*(Ho-1) + K - H - pb, pb) (K the
+kernel's extent, dilation included); for
 3x3 stride 2 pad 1 on an even H that is (0, 1), exactly TFLite's SAME padding. One reverse of
 the input image (a few KB) replaces five PADs of feature maps, with no extra weights or MACs.
 The rewrite applies only when every op of the graph is one it knows to be rotation-equivariant;
@@ -50,7 +51,8 @@ def flip_for_same_padding(model):
             inits[node.input[1]].CopyFrom(numpy_helper.from_array(
                 np.ascontiguousarray(weight[:, :, ::-1, ::-1]), node.input[1]))
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        kernel = list(weight.shape[2:])
+        dilations = list(attrs.get("dilations", [1, 1]))
+        kernel = [d * (k - 1) + 1 for d, k in zip(dilations, weight.shape[2:])]  # extent
         strides = list(attrs.get("strides", [1, 1]))
         pads = list(attrs.get("pads", [0, 0, 0, 0]))
         in_hw, out_hw = shapes[node.input[0]][2:], shapes[node.output[0]][2:]
@@ -114,7 +116,7 @@ def _rotation_safe(graph, shapes) -> bool:
             continue
         if node.op_type == "Conv":
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            if any(d != 1 for d in attrs.get("dilations", [1, 1])) or node.input[1] not in inits:
+            if node.input[1] not in inits:
                 return False
             if not shapes.get(node.input[0]) or len(shapes[node.input[0]]) != 4:
                 return False

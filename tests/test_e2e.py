@@ -122,29 +122,61 @@ def test_quantize_tiny_model_end_to_end(offline_env, trained_s050, tmp_path):
     meta = read_metadata(int8_path)
     assert meta["preprocessing"]["mean"] == manifest["preprocessing"]["mean"]
     assert meta["variant"] == "s050" and meta["format"] == "int8" and len(meta["class_names"]) == 10
-    assert_deployment_graph(int8_path, blocks=6)  # s050: depths 1,1,3,1
+    split = manifest["stages"]["fold"]["split_depthwise_convs"]
+    assert split == 0  # at 32 px no feature map is 14 px wide
+    assert_deployment_graph(int8_path, blocks=6, split=split)
+    assert_ranges_from_pytorch(manifest, int8_path, report["artifacts"]["tflite_fp32"])
     assert "QUANTIZE" not in op_counts(int8_path) and "DEQUANTIZE" not in op_counts(int8_path)
-    assert_deployment_graph(report["artifacts"]["tflite_fp32"], blocks=6, integer=False)
+    assert_deployment_graph(report["artifacts"]["tflite_fp32"], blocks=6, split=split, integer=False)
     for key in ("tflite_fp32", "tflite_fp16", "tflite_dynamic"):
         Interpreter(model_path=report["artifacts"][key]).allocate_tensors()
 
 
-def assert_deployment_graph(path, *, blocks, integer=True):
-    """The graph properties edgestar promises (issue 3), on any StarNet it converts."""
+def assert_deployment_graph(path, *, blocks, split=0, integer=True):
+    """The graph properties edgestar promises (issue 3), on any StarNet it converts;
+    ``split``: how many 7x7 depthwise convs ``--target cpu`` split into three parts."""
     from edgestar.tflite_file import (BUFFER_ALIGNMENT, TFLM_INT8_OPS, buffer_offsets,
                                       float_ops_inside, grouped_convs, op_counts)
 
     ops = op_counts(path)
-    assert ops["DEPTHWISE_CONV_2D"] == 2 * blocks  # every depthwise conv is one
+    assert ops["DEPTHWISE_CONV_2D"] == 2 * blocks + 2 * split  # every depthwise conv is one
     assert grouped_convs(path) == 0
     assert "PAD" not in ops and "TRANSPOSE" not in ops and "RESHAPE" not in ops
-    assert ops["MUL"] == blocks and ops["ADD"] == blocks  # head BatchNorm folded into the classifier
+    assert ops["MUL"] == blocks  # head BatchNorm folded into the classifier: no MUL/ADD for it
+    assert ops["ADD"] == blocks + 2 * split
     assert ops["REVERSE_V2"] == 1  # the rotation that replaces the stride-2 PADs
     assert not [op for op in ops if op.startswith("CUSTOM")]  # no Flex / custom ops
     assert all(offset % BUFFER_ALIGNMENT == 0 for offset in buffer_offsets(path))
     if integer:
         assert float_ops_inside(path) == []
         assert set(ops) <= TFLM_INT8_OPS
+
+
+def assert_ranges_from_pytorch(manifest, int8_path, fp32_path):
+    """Every activation got its range from PyTorch, and each ReLU6-fused conv output is
+    quantized over [0, <=6] (zero point -128). TFLite's own calibrator records the star
+    product's range on the ReLU6 branch instead (it logs that tensor after the in-place MUL
+    reused its memory), which would fail this check."""
+    from edgestar.calibrate import activation_tensors
+    from edgestar.tflite_file import _operators
+
+    calibration = manifest["stages"]["convert"]["calibration"]
+    assert calibration == {"calibrator": "edgestar",
+                           "tensors": len(activation_tensors(Path(fp32_path).read_bytes()))}
+    schema, graph, ops = _operators(int8_path)
+    relu6 = schema.ActivationFunctionType.RELU6
+    checked = 0
+    for name, op in ops:
+        if name not in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+            continue
+        options = (schema.Conv2DOptions if name == "CONV_2D" else schema.DepthwiseConv2DOptions)()
+        table = op.BuiltinOptions()
+        options.Init(table.Bytes, table.Pos)
+        if options.FusedActivationFunction() == relu6:
+            q = graph.Tensors(op.Outputs(0)).Quantization()
+            assert q.ZeroPoint(0) == -128 and q.Scale(0) <= 6.0 / 255 + 1e-9
+            checked += 1
+    assert checked >= 2  # the stem and every f1 branch
 
 
 def test_same_inputs_give_byte_identical_models(offline_env, trained_s050, tmp_path):
@@ -167,10 +199,11 @@ def test_int8_model_runs_in_tflite_micro(offline_env, trained_s050, tmp_path):
     from edgestar.runtime import MicroRunner, TFLiteRunner
 
     env, _ = offline_env
-    res = edgestar(env, "quantize", "--variant", "s050", "--weights", trained_s050,
+    res = edgestar(env, "quantize", "--variant", "s050", "--weights", trained_s050, "--target", "micro",
                    "--calib-samples", 50, "--eval-samples", 20, "--out", tmp_path / "run", "-q")
     assert res.returncode == 0, res.stderr
     model = tmp_path / "run" / "starnet_s050_32_int8.tflite"
+    assert_deployment_graph(model, blocks=6, split=0)  # micro: 7x7 depthwise convs kept whole
     x, _ = calibration_inputs("demo", Preprocessing(32, crop_pct=1.0), samples=40, seed=3)
     litert = TFLiteRunner(model)
     micro = MicroRunner(model)(x)
@@ -198,7 +231,8 @@ def test_float_io_and_other_resolution(offline_env, tmp_path):
     assert report["metrics"]["int8_top1_drop_pt"] is None
     ops = op_counts(report["artifacts"]["tflite_int8"])
     assert ops["QUANTIZE"] == 1 and ops["DEQUANTIZE"] == 1
-    assert_deployment_graph(report["artifacts"]["tflite_int8"], blocks=8)  # s100: 1,2,4,1
+    # s100: depths 1,2,4,1; at 64 px only the first stage's maps (16x16) get split convs
+    assert_deployment_graph(report["artifacts"]["tflite_int8"], blocks=8, split=2)
     assert set(report["artifacts"]) == {"onnx", "tflite_fp32", "tflite_int8"}
 
 

@@ -69,3 +69,31 @@ def test_drop_path_only_in_training():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("kernel", [7, 9])
+def test_split_depthwise_is_exact_and_each_part_fits_one_xnnpack_pass(kernel):
+    from edgestar.models import DilatedSplitConv, split_large_depthwise
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 1),
+                                torch.nn.Conv2d(6, 6, kernel, padding=kernel // 2, groups=6),
+                                torch.nn.Conv2d(6, 6, 5, padding=2, groups=6))  # 25 taps: kept
+    split, count = split_large_depthwise(model, 15)  # a 15x15 map
+    assert count == 1 and isinstance(split[1], DilatedSplitConv) and isinstance(split[2], torch.nn.Conv2d)
+    parts = split[1].parts
+    assert sum(p.weight[0, 0].numel() for p in parts) == kernel * kernel  # no tap lost or repeated
+    if kernel == 7:
+        assert all(p.weight[0, 0].numel() <= 25 for p in parts)
+    x = torch.randn(2, 3, 15, 11)
+    with torch.no_grad():
+        assert (split(x) - model(x)).abs().max() < 1e-5
+
+
+def test_split_depthwise_only_on_large_feature_maps():
+    from edgestar.models import split_large_depthwise
+
+    model = fold_batchnorms(create_model("s050", num_classes=3))  # depths 1, 1, 3, 1
+    counts = {size: split_large_depthwise(model, size)[1] for size in (32, 64, 224)}
+    # stage maps are size/4, /8, /16, /32: split from 14 px up
+    assert counts == {32: 0, 64: 2 * 1, 224: 2 * (1 + 1 + 3)}

@@ -102,3 +102,18 @@ def test_graphs_that_are_not_rotation_safe_are_left_alone():
     before = proto.SerializeToString()
     proto, applied = flip_for_same_padding(proto)
     assert not applied and proto.SerializeToString() == before
+
+
+def test_rotation_is_exact_for_split_depthwise_starnet(tmp_path):
+    """Dilated convs (the split 7x7 depthwise ones) rotate exactly too."""
+    from edgestar.models import split_large_depthwise
+
+    torch.manual_seed(0)
+    model, count = split_large_depthwise(fold_batchnorms(create_model("s050", num_classes=4)), 64)
+    assert count > 0
+    info = export_onnx(model, 64, tmp_path / "m.onnx")
+    assert info["rotated_for_same_padding"]
+    x = np.random.default_rng(2).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(OnnxRunner(tmp_path / "m.onnx")(x), ref, atol=1e-5, rtol=0)
