@@ -115,7 +115,6 @@ def _rotation_safe(graph, shapes) -> bool:
                     return False
             continue
         if node.op_type == "Conv":
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             if node.input[1] not in inits:
                 return False
             if not shapes.get(node.input[0]) or len(shapes[node.input[0]]) != 4:
