@@ -356,9 +356,9 @@ def _is_demo_model(config: QuantizeConfig, model) -> bool:
 
 
 def batch_size_for(img_size: int) -> int:
-    """Images per PyTorch batch: 16 at 224 px, more at lower resolutions (activation memory
+    """Images per PyTorch batch: 8 at 224 px, more at lower resolutions (activation memory
     grows with the pixel count: S1's stem output alone is 1.6 MB per 224 px image)."""
-    return int(max(8, min(256, 16 * (224 / img_size) ** 2)))
+    return int(max(4, min(256, 8 * (224 / img_size) ** 2)))
 
 
 def _torch_logits(model, x: np.ndarray) -> np.ndarray:
