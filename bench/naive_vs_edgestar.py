@@ -172,9 +172,9 @@ def main():
         naive_runs.append(naive_route(model, pre, calib, args.work / f"naive{i}"))
         our_runs.append(edgestar_route(weights, args, calib_npy, args.work / f"edgestar{i}"))
     naive, ours = naive_runs[0], our_runs[0]
-    for key in ("wall_s", "peak_tree_rss_mb"):
-        naive[key] = statistics.median(r[key] for r in naive_runs)
-        ours[key] = statistics.median(r[key] for r in our_runs)
+    medians = {(route, key): statistics.median([r[key] for r in runs])
+               for route, runs in (("naive", naive_runs), ("edgestar", our_runs))
+               for key in ("wall_s", "peak_tree_rss_mb")}
     print("conversion wall s, naive:", [r["wall_s"] for r in naive_runs],
           "edgestar:", [r["wall_s"] for r in our_runs])
     print("peak RSS MiB, naive:", [r["peak_tree_rss_mb"] for r in naive_runs],
@@ -218,9 +218,10 @@ def main():
         row(f"INT8 latency, best kernels of each, {t} thread(s), ms",
             naive_value(lambda: min(lat[t]["naive int8, XNNPACK"], lat[t]["naive int8, builtin kernels"])),
             best_ours, "{:.2f}")
-    row("conversion wall time, s (naive: onnx2tf -oiqt; edgestar: whole quantize run)",
-        naive["wall_s"], ours["wall_s"], "{:.1f}")
-    row("peak process-tree RSS, MiB", naive["peak_tree_rss_mb"], ours["peak_tree_rss_mb"], "{:.0f}")
+    row("conversion wall time, s, median (naive: onnx2tf -oiqt; edgestar: whole quantize run)",
+        medians["naive", "wall_s"], medians["edgestar", "wall_s"], "{:.1f}")
+    row("peak process-tree RSS, MiB, median", medians["naive", "peak_tree_rss_mb"],
+        medians["edgestar", "peak_tree_rss_mb"], "{:.0f}")
     row("FP32 TFLite vs PyTorch max |dlogit| (500 images)",
         naive_value(lambda: acc["naive fp32"]["max_abs_logit_diff"]),
         acc["edgestar fp32"]["max_abs_logit_diff"], "{:.2e}", ratio=False)

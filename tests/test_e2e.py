@@ -155,8 +155,8 @@ def assert_deployment_graph(path, *, blocks, split=0, integer=True):
 def assert_ranges_from_pytorch(manifest, int8_path, fp32_path):
     """Every activation got its range from PyTorch, and each ReLU6-fused conv output is
     quantized over [0, <=6] (zero point -128). TFLite's own calibrator records the star
-    product's range on the ReLU6 branch instead (it logs that tensor after the in-place MUL
-    reused its memory), which would fail this check."""
+    product's range on the ReLU6 branch instead (15 of 16 in the demo model), which would fail
+    this check."""
     from edgestar.calibrate import activation_tensors
     from edgestar.tflite_file import _operators
 
