@@ -58,6 +58,20 @@ def test_unknown_io(tmp_path):
     assert_one_line_error(quantize(tmp_path, "--variant", "s050", "--io", "int16"), "int16")
 
 
+@pytest.mark.parametrize("option,value", [("--target", "gpu"), ("--calibrator", "kl")])
+def test_unknown_target_or_calibrator(tmp_path, option, value):
+    assert_one_line_error(quantize(tmp_path, "--variant", "s050", option, value), value)
+
+
+@pytest.mark.parametrize("field,value", [("target", "gpu"), ("calibrator", "kl")])
+def test_library_rejects_unknown_target_or_calibrator(tmp_path, field, value):
+    from edgestar.errors import InputError
+
+    config = pipeline.QuantizeConfig(variant="s050", out=tmp_path / "run", **{field: value})
+    with pytest.raises(InputError, match=value):
+        pipeline.quantize(config)
+
+
 def test_missing_checkpoint(tmp_path):
     assert_one_line_error(quantize(tmp_path, "--variant", "s050", "--weights", tmp_path / "no.pt"),
                           "does not exist")
