@@ -173,15 +173,16 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
                    "unpickling can run any code.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout at the end.")
 @quiet_option
-def quantize(variant, weights, num_classes, img_size, calib, calib_samples, target, calibrator, eval_, eval_samples,
-             io_type, formats, max_drop, out, seed, unsafe_allow_pickle, as_json, quiet):
+def quantize(variant, weights, num_classes, img_size, calib, calib_samples, target, calibrator, eval_,
+             eval_samples, io_type, formats, max_drop, out, seed, unsafe_allow_pickle, as_json, quiet):
     """Convert a StarNet checkpoint to validated FP32 and INT8 TFLite models."""
     from .pipeline import QuantizeConfig, quantize as run_quantize
     from .report import summary_table
 
     config = QuantizeConfig(
         variant=variant, weights=weights, num_classes=num_classes, img_size=img_size,
-        calib=calib, calib_samples=calib_samples, calibrator=calibrator, target=target, eval=eval_, eval_samples=eval_samples,
+        calib=calib, calib_samples=calib_samples, calibrator=calibrator, target=target,
+        eval=eval_, eval_samples=eval_samples,
         io_type=io_type, formats=tuple(formats), max_drop=max_drop,
         out=Path(out) if out else None, allow_pickle=unsafe_allow_pickle, seed=seed)
     log = (lambda *_: None) if quiet else (lambda msg: click.echo(msg, err=True))

@@ -195,7 +195,7 @@ class DilatedSplitConv(nn.Module):
         for rows, cols in ((even_rows, slice(0, kw, 1)), (odd_rows, even_cols), (odd_rows, odd_cols)):
             w = conv.weight[:, :, rows, cols]
             dilation = (rows.step, cols.step)
-            # a centred kernel of n taps with dilation d spans d*(n-1)+1: pad half of it less one
+            # a centred kernel of n taps with dilation d spans d*(n-1)+1 pixels: SAME pads d*(n-1)/2
             padding = tuple(d * (n - 1) // 2 for d, n in zip(dilation, w.shape[2:]))
             part = nn.Conv2d(c, c, tuple(w.shape[2:]), padding=padding, dilation=dilation, groups=c,
                              bias=not self.parts and conv.bias is not None)
