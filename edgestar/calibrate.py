@@ -66,9 +66,9 @@ def node_values(gm, x: np.ndarray) -> dict[str, np.ndarray]:
     return values
 
 
-def node_ranges(gm, inputs: np.ndarray, *, batch: int) -> dict[str, tuple[float, float]]:
-    """Global (min, max) of every intermediate over all ``inputs`` (what TFLite's calibrator
-    records per tensor), rounded outward to ``RANGE_DIGITS`` significant digits."""
+def node_ranges(gm, batches) -> dict[str, tuple[float, float]]:
+    """Global (min, max) of every intermediate over all NCHW ``batches`` (what TFLite's
+    calibrator records per tensor), rounded outward to ``RANGE_DIGITS`` significant digits."""
     import torch
 
     lo: dict[str, float] = {}
@@ -81,8 +81,8 @@ def node_ranges(gm, inputs: np.ndarray, *, batch: int) -> dict[str, tuple[float,
 
     recorder = _interpreter(gm, update)
     with torch.no_grad():
-        for i in range(0, len(inputs), batch):
-            recorder.run(torch.from_numpy(np.ascontiguousarray(inputs[i:i + batch], np.float32)))
+        for x in batches:
+            recorder.run(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
     return {name: (_round_out(lo[name], math.floor), _round_out(hi[name], math.ceil)) for name in lo}
 
 
@@ -143,27 +143,34 @@ def _as_nhwc_views(v: np.ndarray) -> list[np.ndarray]:
 def match_tensors(model: bytes, gm, sample: np.ndarray) -> dict[int, str]:
     """Pair every activation tensor of the FP32 TFLite ``model`` with the fx node of ``gm``
     computing the same value on ``sample`` (one NCHW image); raise UnmatchedTensors if any
-    tensor has none."""
+    tensor has none.
+
+    PyTorch values are compared as the fx interpreter produces them and then dropped, so only
+    the TFLite side is held in memory at once (this runs while the converter works).
+    """
+    import torch
+
     tensors = activation_tensors(model)
+    by_shape: dict[tuple, list[int]] = {}
     flite = tflite_values(model, sample.transpose(0, 2, 3, 1), tensors)
-    torch_values = node_values(gm, sample)
-    by_shape: dict[tuple, list[tuple[str, np.ndarray]]] = {}
-    for name, v in torch_values.items():
-        for view in _as_nhwc_views(v):
-            by_shape.setdefault(view.shape, []).append((name, view))
-    pairs: dict[int, str] = {}
-    unmatched = []
     for t, value in flite.items():
-        scale = max(float(np.abs(value).max()), 1e-6)
-        best = min(((float(np.abs(view - value).max()) / scale, name)
-                    for name, view in by_shape.get(value.shape, [])), default=None)
-        if best is None or best[0] > MATCH_TOLERANCE:
-            unmatched.append(t)
-        else:
-            pairs[t] = best[1]
+        by_shape.setdefault(value.shape, []).append(t)
+    scale = {t: max(float(np.abs(v).max()), 1e-6) for t, v in flite.items()}
+    best: dict[int, tuple[float, str]] = {}
+
+    def compare(name, v):
+        for view in _as_nhwc_views(v.numpy()):
+            for t in by_shape.get(view.shape, ()):
+                err = float(np.abs(view - flite[t]).max()) / scale[t]
+                if err <= MATCH_TOLERANCE and err < best.get(t, (math.inf,))[0]:
+                    best[t] = (err, name)
+
+    with torch.no_grad():
+        _interpreter(gm, compare).run(torch.from_numpy(np.ascontiguousarray(sample, np.float32)))
+    unmatched = [t for t in tensors if t not in best]
     if unmatched:
         raise UnmatchedTensors(unmatched)
-    return pairs
+    return {t: name for t, (_, name) in best.items()}
 
 
 def with_ranges(model: bytes, ranges: dict[int, tuple[float, float]]) -> bytes:

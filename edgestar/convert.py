@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import save_nhwc
 from .errors import StageError
+from .memory import release_freed_memory
 from .rundir import temp_path_for
 from .tflite_file import add_metadata
 
@@ -35,6 +37,7 @@ FORMATS = ("fp32", "int8", "fp16", "dynamic")
 IO_TYPES = ("int8", "uint8", "float")
 ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
 SPEC_FILE = "spec.json"
+CALIBRATION_FILE = "calibration.npy"
 FLOAT_MODEL = "fp32.tflite"  # worker -> parent: the FP32 graph, written before INT8 starts
 RANGES_MODEL = "ranges.tflite"  # parent -> worker: that graph with activation ranges recorded
 CALIBRATE_HERE = "calibrate_here"  # parent -> worker: no ranges, run TFLite's calibrator
@@ -86,12 +89,12 @@ class Conversion:
         work = self.work
         self.outputs = outputs
         shutil.copyfile(onnx_path, work / "model.onnx")
-        np.save(work / "calibration.npy", calibration.transpose(0, 2, 3, 1).astype(np.float32))
-        pixels = calibration.transpose(0, 2, 3, 1) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
-        np.save(work / ONNX2TF_SAMPLE, np.clip(pixels[:20], 0.0, 1.0).astype(np.float32))
+        save_nhwc(self.calibration_file, calibration)
+        pixels = calibration[:20].transpose(0, 2, 3, 1) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
+        np.save(work / ONNX2TF_SAMPLE, np.clip(pixels, 0.0, 1.0).astype(np.float32))
         spec = {
             "onnx": str(work / "model.onnx"),
-            "calibration": str(work / "calibration.npy"),
+            "calibration": str(self.calibration_file),
             "outputs": {fmt: str(Path(p).resolve()) for fmt, p in outputs.items()},
             "io_type": io_type,
             "metadata": metadata,
@@ -100,6 +103,13 @@ class Conversion:
         (work / "spec.json.tmp").write_text(json.dumps(spec))
         os.replace(work / "spec.json.tmp", work / SPEC_FILE)  # the worker starts on this rename
         return self
+
+    @property
+    def calibration_file(self) -> Path:
+        """The calibration inputs as float32 NHWC ``.npy``, written by :meth:`submit`; the
+        caller can stream them back (:func:`edgestar.data.read_batches`) instead of keeping
+        its own copy."""
+        return self.work / CALIBRATION_FILE
 
     @property
     def float_model(self) -> Path:
@@ -170,23 +180,28 @@ def _worker(spec_path: str) -> int:
         graph = _concrete_function(keras_model)
         outputs = spec["outputs"]
         # FP32 first: the parent needs it to measure INT8 ranges; then the other float
-        # formats while it does; INT8 last.
-        order = (["fp32"] + [f for f in outputs if f not in ("fp32", "int8")]
-                 + (["int8"] if "int8" in outputs else []))
-        for fmt in order:
+        # formats while it does; INT8 last, from the FP32 flatbuffer alone.
+        floats = ["fp32"] + [f for f in outputs if f not in ("fp32", "int8")]
+        for i, fmt in enumerate(floats):
             t0 = time.perf_counter()
-            details = {}
-            if fmt == "int8":
-                model, details["ranges"] = _quantize(graph, work, spec["io_type"])
-            else:
-                model = _to_tflite(graph, fmt)
+            model = _to_tflite(graph, fmt)
+            if i == len(floats) - 1:  # INT8 needs only the FP32 flatbuffer
+                del keras_model, graph  # ~100 MB at 224 px; the parent is about to match tensors
+            release_freed_memory()  # and the converter's working memory
             if fmt == "fp32":
+                float_model = model
                 _write_atomic(work / FLOAT_MODEL, model)
-            if fmt in outputs:
-                _write_atomic(Path(outputs[fmt]), add_metadata(model, {
-                    **spec["metadata"], "format": fmt,
-                    "io_type": spec["io_type"] if fmt == "int8" else "float"}))
-                result["formats"][fmt] = {"seconds": round(time.perf_counter() - t0, 3), **details}
+            _finish(spec, fmt, model, {"seconds": round(time.perf_counter() - t0, 3)}, result)
+        if "int8" in outputs:
+            t0 = time.perf_counter()
+            calibrated = _wait_for_ranges(work)
+            source = "edgestar"
+            if calibrated is None:
+                calibrated = _tflite_calibration(float_model, np.load(work / CALIBRATION_FILE))
+                source = "tflite"
+            model = _quantize(calibrated, spec["io_type"])
+            _finish(spec, "int8", model, {"seconds": round(time.perf_counter() - t0, 3),
+                                          "ranges": source}, result)
     except SystemExit as exc:  # onnx2tf reports errors this way
         result["error"] = f"onnx2tf stopped (exit code {exc.code}); see the log for its message"
     except Exception as exc:  # anything TensorFlow raises: report one line, full trace in log
@@ -198,23 +213,52 @@ def _worker(spec_path: str) -> int:
     return 0 if "error" not in result else 1
 
 
-def _quantize(graph, work: Path, io_type: str) -> tuple[bytes, str]:
-    """INT8 from the ranges the parent measured (``RANGES_MODEL``), or, when it asks for it
-    (``CALIBRATE_HERE``), from TFLite's own calibrator over ``calibration.npy``."""
-    import tensorflow as tf
-    from tensorflow.lite.python.convert import mlir_quantize
-
+def _wait_for_ranges(work: Path) -> bytes | None:
+    """The FP32 graph with the parent's activation ranges (``RANGES_MODEL``), or None when
+    the parent asks for TFLite's own calibrator instead (``CALIBRATE_HERE``)."""
     parent = os.getppid()
     while not (work / RANGES_MODEL).exists() and not (work / CALIBRATE_HERE).exists():
         if os.getppid() != parent:
             raise RuntimeError("the parent process went away before sending INT8 ranges")
         time.sleep(0.02)
-    io_dtype = {"int8": tf.int8, "uint8": tf.uint8, "float": tf.float32}[io_type]
-    if (work / RANGES_MODEL).exists():
-        calibrated = (work / RANGES_MODEL).read_bytes()
-        return mlir_quantize(calibrated, input_data_type=io_dtype, output_data_type=io_dtype), "edgestar"
-    calibration = np.load(work / "calibration.npy")
-    return _to_tflite(graph, "int8", calibration, io_dtype), "tflite"
+    return (work / RANGES_MODEL).read_bytes() if (work / RANGES_MODEL).exists() else None
+
+
+def _tflite_calibration(float_model: bytes, calibration_nhwc: np.ndarray) -> bytes:
+    """``float_model`` with ranges from TFLite's own calibrator (what ``TFLiteConverter``
+    does for full-integer quantization: reference kernels, one image at a time)."""
+    from tensorflow.lite.python.optimize import calibrator
+
+    def images():
+        for i in range(len(calibration_nhwc)):
+            yield [calibration_nhwc[i:i + 1]]
+
+    model = calibrator.add_intermediate_tensors(float_model)
+    return calibrator.Calibrator(model).calibrate(images)
+
+
+def _finish(spec: dict, fmt: str, model: bytes, details: dict, result: dict) -> None:
+    """Write format ``fmt`` with edgestar's metadata (when it was asked for) and record it."""
+    if fmt not in spec["outputs"]:
+        return
+    _write_atomic(Path(spec["outputs"][fmt]), add_metadata(model, {
+        **spec["metadata"], "format": fmt,
+        "io_type": spec["io_type"] if fmt == "int8" else "float"}))
+    result["formats"][fmt] = details
+
+
+def _io_dtype(io_type: str):
+    import tensorflow as tf
+
+    return {"int8": tf.int8, "uint8": tf.uint8, "float": tf.float32}[io_type]
+
+
+def _quantize(calibrated: bytes, io_type: str) -> bytes:
+    """Full-integer INT8 from a float flatbuffer whose activation ranges are recorded."""
+    from tensorflow.lite.python.convert import mlir_quantize
+
+    dtype = _io_dtype(io_type)
+    return mlir_quantize(calibrated, input_data_type=dtype, output_data_type=dtype)
 
 
 def _keep_residual_adds_nhwc() -> None:
@@ -303,7 +347,8 @@ def _concrete_function(keras_model):
     return tf.function(lambda x: keras_model(x, training=False)).get_concrete_function(spec)
 
 
-def _to_tflite(graph, fmt: str, calibration: np.ndarray | None = None, io_dtype=None) -> bytes:
+def _to_tflite(graph, fmt: str) -> bytes:
+    """A float format (fp32, fp16 weights, dynamic-range int8 weights) of the traced graph."""
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions([graph])
@@ -313,18 +358,39 @@ def _to_tflite(graph, fmt: str, calibration: np.ndarray | None = None, io_dtype=
         converter.target_spec.supported_types = [tf.float16]
     elif fmt == "dynamic":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    elif fmt == "int8":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    elif fmt != "fp32":
+        raise ValueError(f"not a float format: {fmt}")
+    return _convert_constant_graph(converter, graph)
 
-        def representative_dataset():
-            for i in range(len(calibration)):
-                yield [calibration[i:i + 1]]
 
-        converter.representative_dataset = representative_dataset
-        converter.inference_input_type = io_dtype
-        converter.inference_output_type = io_dtype
-    return converter.convert()
+def _convert_constant_graph(converter, graph) -> bytes:
+    """``converter.convert()`` without TensorFlow's freezing step.
+
+    The public ``convert()`` first "freezes" the function: it rebuilds the whole graph as a
+    new Python-side FuncGraph with the captured weights inlined. For StarNet-S1 (1,410 nodes)
+    that costs ~150 MB and half the conversion time, and it is the worker's memory peak. The
+    weights onnx2tf captures are constants already, so inlining them into the GraphDef
+    directly gives the converter the same frozen graph (the .tflite is identical except for
+    TFLite's CONVERSION_METADATA entry, which only the public method adds). Where this TF
+    version lacks the internal entry point, the public method runs.
+    """
+    import tensorflow as tf
+    from tensorflow.lite.python import lite
+
+    base = getattr(lite, "TFLiteConverterBaseV2", None)
+    if base is None or not callable(getattr(base, "convert", None)):
+        return converter.convert()
+    graph_def = graph.graph.as_graph_def()
+    weights = {internal.op.name: external for external, internal in graph.graph.captures}
+    for node in graph_def.node:
+        if node.name in weights:  # a Placeholder fed by a captured tensor
+            node.op = "Const"
+            node.ClearField("input")
+            for key in [k for k in node.attr if k != "dtype"]:
+                del node.attr[key]
+            node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(weights[node.name].numpy()))
+    inputs = graph.inputs[: len(graph.inputs) - len(graph.captured_inputs)]
+    return base.convert(converter, graph_def, inputs, graph.outputs)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -347,7 +413,15 @@ def _serve(work: str) -> int:
     return _worker(str(spec))
 
 
+def _exit_now(code: int) -> None:
+    """End the worker without TensorFlow's interpreter teardown, which holds the worker's
+    peak memory for seconds after its results are written (they are, and are closed)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "--serve":
-        sys.exit(_serve(sys.argv[2]))
-    sys.exit(_worker(sys.argv[1]))
+        _exit_now(_serve(sys.argv[2]))
+    _exit_now(_worker(sys.argv[1]))

@@ -227,6 +227,39 @@ def load_array(path: str | os.PathLike, pre: Preprocessing) -> np.ndarray:
     )
 
 
+def batches(x: np.ndarray, size: int):
+    """``x`` in consecutive slices of ``size`` along the first axis."""
+    for i in range(0, len(x), size):
+        yield x[i:i + size]
+
+
+def save_nhwc(path: str | os.PathLike, x_nchw: np.ndarray, *, chunk: int = 16) -> None:
+    """Write float32 NCHW inputs as an NHWC ``.npy`` (TensorFlow's layout), a chunk at a time:
+    a transposed copy of 200 images at 224 px would be another 120 MB."""
+    n, c, h, w = x_nchw.shape
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": np.dtype(np.float32).str, "fortran_order": False, "shape": (n, h, w, c)})
+        for part in batches(x_nchw, chunk):
+            f.write(np.ascontiguousarray(part.transpose(0, 2, 3, 1), np.float32).tobytes())
+
+
+def read_batches(path: str | os.PathLike, size: int):
+    """Consecutive ``size``-row batches of a C-ordered ``.npy`` file, read one at a time (a
+    memory map would keep every page it touched resident)."""
+    with open(path, "rb") as f:
+        fmt = np.lib.format
+        read_header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if fortran:
+            raise DataError(f"{path} is Fortran-ordered; expected a C-ordered array")
+        row = int(np.prod(shape[1:], dtype=np.int64))
+        for start in range(0, shape[0], size):
+            rows = min(size, shape[0] - start)
+            data = np.fromfile(f, dtype=dtype, count=rows * row)
+            yield data.reshape((rows, *shape[1:]))
+
+
 # --------------------------------------------------------------------------- named sources
 
 def demo_split(split: str) -> Path:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-import resource
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,12 +20,14 @@ import numpy as np
 
 from . import __version__
 from .checkpoints import build_model, sha256_file
-from .data import Preprocessing, calibration_inputs, evaluation_set
+from .data import Preprocessing, calibration_inputs, evaluation_set, read_batches
 from .errors import InputError, StageError
 from .export import export_onnx, max_abs_diff, onnx_op_counts
+from .memory import peak_rss_mb, release_freed_memory
 from .models import (check_img_size, count_batchnorms, count_params, fold_batchnorms,
                      split_large_depthwise)
 from .rundir import RunDir
+from .runtime import OnnxRunner, TorchRunner
 
 DEMO_CLASSES = 10
 FOLD_TOLERANCE = 1e-4  # relative to the logit scale; folding is exact up to float rounding
@@ -174,8 +174,8 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
         if config.target == "cpu":
             folded, rec["split_depthwise_convs"] = split_large_depthwise(folded, pre.img_size)
         probe = calib[: min(len(calib), 16)]
-        ref_probe = _torch_logits(model, probe)
-        diff = max_abs_diff(_torch_logits(folded, probe), ref_probe)
+        ref_probe = _logits(TorchRunner(model), probe)
+        diff = max_abs_diff(_logits(TorchRunner(folded), probe), ref_probe)
         rec.update(batchnorms_before=count_batchnorms(model), batchnorms_after=count_batchnorms(folded),
                    max_abs_logit_diff=diff)
         if diff > FOLD_TOLERANCE * max(1.0, float(np.abs(ref_probe).max())):
@@ -185,10 +185,8 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
         exported = export_onnx(folded, pre.img_size, run.path("model.onnx"))
         onnx_path = exported["path"]
         rec["rotated_for_same_padding"] = exported["rotated_for_same_padding"]
-        from .runtime import OnnxRunner
-
         probe = calib[:ONNX_PARITY_IMAGES]  # TFLite FP32 is then checked on every eval image
-        parity = max_abs_diff(OnnxRunner(onnx_path)(probe), _torch_logits(model, probe))
+        parity = max_abs_diff(_logits(OnnxRunner(onnx_path), probe), _logits(TorchRunner(model), probe))
         rec.update(ops=onnx_op_counts(onnx_path), onnxruntime_max_abs_logit_diff=parity,
                    parity_images=len(probe))
         m["metrics"]["onnx_parity_max_abs"] = parity
@@ -210,17 +208,22 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
         # The converter is mostly single-threaded: meanwhile measure the INT8 ranges, hand
         # them over as soon as the FP32 graph exists (a thread waits for it) and evaluate
         # PyTorch. On any error the caller cancels the job, which also ends the thread.
+        # Memory: the calibration inputs are streamed back from the worker's copy (~120 MB
+        # at 224 px), so this process holds one batch at a time from here on.
+        sample = calib[:1].copy()
+        del calib, probe
+        release_freed_memory()
         t0 = time.perf_counter()
-        ranges = _measure_ranges(folded, calib, config.calibrator)
+        ranges = _measure_ranges(folded, job.calibration_file, config.calibrator, pre.img_size)
         rec["range_seconds"] = round(time.perf_counter() - t0, 3)
         pool = ThreadPoolExecutor(max_workers=1)
-        sent = pool.submit(_send_ranges, job, ranges, calib[:1].copy(), notes)
+        sent = pool.submit(_send_ranges, job, ranges, sample, notes)
         pool.shutdown(wait=False)
-        del calib, probe  # the worker has its own copy; ~120 MB at 224 px
-        _release_freed_memory()  # the converter subprocess is about to need ~1 GB
+        release_freed_memory()
         t0 = time.perf_counter()
         reference = _reference_logits(model, folder, pre, progress_factory)
         rec["pytorch_reference_seconds"] = round(time.perf_counter() - t0, 3)
+        release_freed_memory()
         rec["calibration"] = sent.result()
         early = {}
         if job.running and job.wait_for(paths["fp32"]):  # else: evaluate all formats in one pass
@@ -250,7 +253,7 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
         passed = drop is not None and drop <= config.max_drop
         m["gate"] = {"max_drop_pt": config.max_drop, "int8_top1_drop_pt": drop, "passed": passed}
     m["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
-    m["peak_rss_mb"] = _peak_rss_mb()
+    m["peak_rss_mb"] = peak_rss_mb()
     m["notes"] = notes
     run.finish("ok" if passed else "failed_gate")
     return QuantizeResult(config, run.root, m, passed, notes)
@@ -258,9 +261,9 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
 
 # --------------------------------------------------------------------------- helpers
 
-def _measure_ranges(folded, calib: np.ndarray, calibrator: str):
+def _measure_ranges(folded, calibration_file: Path, calibrator: str, img_size: int):
     """(fx graph, fx node -> (min, max)) for the edgestar calibrator, measured on all cores
-    but the converter's; None for TFLite's calibrator."""
+    but the converter's over the NHWC calibration file; None for TFLite's calibrator."""
     if calibrator != "edgestar":
         return None
     import torch
@@ -268,10 +271,11 @@ def _measure_ranges(folded, calib: np.ndarray, calibrator: str):
     from .calibrate import node_ranges, trace
 
     gm = trace(folded)
+    nchw = (b.transpose(0, 3, 1, 2) for b in read_batches(calibration_file, batch_size_for(img_size)))
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
     try:
-        return gm, node_ranges(gm, calib, batch=batch_size_for(calib.shape[-1]))
+        return gm, node_ranges(gm, nchw)
     finally:
         torch.set_num_threads(threads)
 
@@ -295,6 +299,8 @@ def _send_ranges(job, ranges, sample: np.ndarray, notes: list[str]) -> dict:
                      "came from TFLite's calibrator instead")
         return {"calibrator": "tflite", "unmatched_tensors": exc.args[0]}
     job.quantize_with(model)
+    del model
+    release_freed_memory()  # both graphs' intermediates, while the converter still runs
     return {"calibrator": "edgestar", "tensors": len(pairs)}
 
 
@@ -361,12 +367,10 @@ def batch_size_for(img_size: int) -> int:
     return int(max(4, min(256, 8 * (224 / img_size) ** 2)))
 
 
-def _torch_logits(model, x: np.ndarray) -> np.ndarray:
-    from .runtime import TorchRunner
-
-    run = TorchRunner(model)
+def _logits(runner, x: np.ndarray) -> np.ndarray:
+    """``runner`` over ``x`` in batches (activations, not weights, dominate memory at 224 px)."""
     batch = batch_size_for(x.shape[-1])
-    return np.concatenate([run(x[i:i + batch]) for i in range(0, len(x), batch)])
+    return np.concatenate([runner(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
 def _artifact_name(variant: str, img_size: int, fmt: str) -> str:
@@ -403,7 +407,6 @@ def _reference_logits(model, folder, pre, progress_factory) -> np.ndarray:
     """PyTorch FP32 logits on the evaluation set, on all cores but one (the converter's)."""
     import torch
 
-    from .runtime import TorchRunner
     from .validate import predict
 
     threads = torch.get_num_threads()
@@ -456,23 +459,3 @@ def _metrics(engines: dict, images: int, labelled: bool) -> dict:
     metrics["eval_images"] = images
     metrics["eval_labelled"] = labelled
     return metrics
-
-
-def _release_freed_memory() -> None:
-    """Hand memory freed by earlier stages (ONNX Runtime, PyTorch batches) back to the OS;
-    glibc keeps it otherwise. A no-op where malloc_trim does not exist."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _peak_rss_mb() -> dict:
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
-    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1024
-    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale / 1024
-    return {"main": round(self_kb / 1024, 1), "converter_subprocess": round(child_kb / 1024, 1)}

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from edgestar import calibrate
+from edgestar.data import batches
 from edgestar.models import create_model, fold_batchnorms
 
 
@@ -13,7 +14,7 @@ def test_node_ranges_are_global_min_max_rounded_outward():
     model = fold_batchnorms(create_model("s050", num_classes=3))
     gm = calibrate.trace(model)
     x = np.random.default_rng(0).standard_normal((10, 3, 32, 32)).astype(np.float32)
-    ranges = calibrate.node_ranges(gm, x, batch=3)  # batches of 3, 3, 3, 1
+    ranges = calibrate.node_ranges(gm, batches(x, 3))  # batches of 3, 3, 3, 1
     values = calibrate.node_values(gm, x)
     assert set(ranges) == set(values)
     for name, (lo, hi) in ranges.items():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgestar.data import (Preprocessing, calibration_inputs, evaluation_set, load_array,
+from edgestar.data import (Preprocessing, read_batches, save_nhwc, calibration_inputs, evaluation_set, load_array,
                            load_rgb, preprocess_image, scan_image_folder)
 from edgestar.errors import DataError, InputError
 
@@ -128,3 +128,12 @@ def test_eval_samples_subset_is_deterministic():
     assert a == b and len({label for _, label in a}) > 5
     with pytest.raises(InputError):
         evaluation_set("demo", samples=0)
+
+
+def test_nhwc_file_streams_back_in_batches(tmp_path):
+    x = np.random.default_rng(0).standard_normal((7, 3, 5, 4)).astype(np.float32)
+    save_nhwc(tmp_path / "c.npy", x, chunk=3)
+    assert np.array_equal(np.load(tmp_path / "c.npy"), x.transpose(0, 2, 3, 1))
+    parts = list(read_batches(tmp_path / "c.npy", 2))
+    assert [len(p) for p in parts] == [2, 2, 2, 1]
+    assert np.array_equal(np.concatenate(parts), x.transpose(0, 2, 3, 1))
