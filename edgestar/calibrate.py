@@ -29,6 +29,12 @@ MATCH_TOLERANCE = 1e-3  # max |TFLite - PyTorch| relative to the tensor's max |v
 RANGE_DIGITS = 5  # ranges are rounded outward to this many significant digits (see _round_out)
 
 
+def _value_preserving():
+    from torch import nn
+
+    return (nn.Identity, nn.Dropout, nn.Flatten)
+
+
 class UnmatchedTensors(RuntimeError):
     """Some TFLite activation tensors have no PyTorch counterpart (names in ``args[0]``)."""
 
@@ -38,6 +44,22 @@ def trace(model):
     import torch.fx
 
     return torch.fx.symbolic_trace(model.eval())
+
+
+def aliases(gm) -> dict[str, str]:
+    """Nodes that only pass their input on (identity, dropout, flatten modules, the graph
+    output) -> the node whose value they carry; such a node is never a tensor of its own."""
+    import torch.fx
+
+    modules = dict(gm.named_modules())
+    found: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        passes_on = (node.op == "output" or node.op == "call_module"
+                     and isinstance(modules.get(node.target), _value_preserving()))
+        if passes_on and isinstance(node.args[0], torch.fx.Node):
+            source = node.args[0].name
+            found[node.name] = found.get(source, source)
+    return found
 
 
 def _interpreter(gm, on_value):
@@ -158,11 +180,16 @@ def match_tensors(model: bytes, gm, sample: np.ndarray) -> dict[int, str]:
     scale = {t: max(float(np.abs(v).max()), 1e-6) for t, v in flite.items()}
     best: dict[int, tuple[float, str]] = {}
 
+    alias = aliases(gm)
+
     def compare(name, v):
+        name = alias.get(name, name)
         for view in _as_nhwc_views(v.numpy()):
             for t in by_shape.get(view.shape, ()):
                 err = float(np.abs(view - flite[t]).max()) / scale[t]
-                if err <= MATCH_TOLERANCE and err < best.get(t, (math.inf,))[0]:
+                # On a tie the later node wins: a ReLU6 over a conv whose outputs all happen
+                # to lie in [0, 6] is still the tensor TFLite stores (it fuses the two).
+                if err <= MATCH_TOLERANCE and err <= best.get(t, (math.inf,))[0]:
                     best[t] = (err, name)
 
     with torch.no_grad():
@@ -193,7 +220,11 @@ def calibrated_model(model: bytes, gm, sample: np.ndarray,
     """FP32 ``model`` annotated with ``ranges`` (fx node -> (min, max), see
     :func:`node_ranges`), its tensors paired to nodes on ``sample`` (one NCHW image).
 
-    Returns the annotated model and the tensor -> node pairing.
+    Returns the annotated model and the tensor -> node pairing. A tensor whose node has no
+    range counts as unmatched.
     """
     pairs = match_tensors(model, gm, sample)
+    missing = [t for t, name in pairs.items() if name not in ranges]
+    if missing:
+        raise UnmatchedTensors(missing)
     return with_ranges(model, {t: ranges[name] for t, name in pairs.items()}), pairs

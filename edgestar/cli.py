@@ -165,6 +165,18 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
 @click.option("--max-drop", type=click.FloatRange(min=0), default=None, metavar="POINTS",
               help="Exit with code 1 when INT8 top-1 falls more than this many points below "
                    "PyTorch FP32 (the report is still written).")
+@click.option("--qat", is_flag=True,
+              help="Quantization-aware training first: fine-tune with the INT8 model simulated "
+                   "(distilling the float model), then deploy with the ranges it trained with. "
+                   "Runs under torchrun with DistributedDataParallel.")
+@click.option("--train", default=None, metavar="DIR|demo",
+              help="Images for --qat, searched recursively; labels unused [default: the --calib source].")
+@click.option("--qat-epochs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--qat-steps", type=click.IntRange(min=1), default=None,
+              help="Stop QAT after this many steps [default: all epochs].")
+@click.option("--qat-lr", type=click.FloatRange(min=0, min_open=True), default=2e-5, show_default=True)
+@click.option("--qat-batch", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Global QAT batch (split across torchrun processes).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run directory to create [default: runs/<variant>-<time>].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sample selection.")
@@ -174,7 +186,8 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout at the end.")
 @quiet_option
 def quantize(variant, weights, num_classes, img_size, calib, calib_samples, target, calibrator, eval_,
-             eval_samples, io_type, formats, max_drop, out, seed, unsafe_allow_pickle, as_json, quiet):
+             eval_samples, io_type, formats, max_drop, qat, train, qat_epochs, qat_steps, qat_lr,
+             qat_batch, out, seed, unsafe_allow_pickle, as_json, quiet):
     """Convert a StarNet checkpoint to validated FP32 and INT8 TFLite models."""
     from .pipeline import QuantizeConfig, quantize as run_quantize
     from .report import summary_table
@@ -183,10 +196,13 @@ def quantize(variant, weights, num_classes, img_size, calib, calib_samples, targ
         variant=variant, weights=weights, num_classes=num_classes, img_size=img_size,
         calib=calib, calib_samples=calib_samples, calibrator=calibrator, target=target,
         eval=eval_, eval_samples=eval_samples,
-        io_type=io_type, formats=tuple(formats), max_drop=max_drop,
+        io_type=io_type, formats=tuple(formats), max_drop=max_drop, qat=qat, train=train,
+        qat_epochs=qat_epochs, qat_steps=qat_steps, qat_lr=qat_lr, qat_batch=qat_batch,
         out=Path(out) if out else None, allow_pickle=unsafe_allow_pickle, seed=seed)
     log = (lambda *_: None) if quiet else (lambda msg: click.echo(msg, err=True))
     result = run_quantize(config, progress_factory=progress_factory(quiet), log=log)
+    if result is None:  # a torchrun QAT process other than rank 0: rank 0 reports
+        return
     if not quiet or not as_json:
         click.echo(summary_table(result.manifest, result.out), err=as_json)
         for note in result.notes:

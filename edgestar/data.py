@@ -296,6 +296,18 @@ def calibration_inputs(source: str, pre: Preprocessing, *, samples: int | None,
     return arr, {"source": str(path.resolve()), "kind": "images", "count": len(files)}
 
 
+def qat_images(source: str) -> ImageFolder:
+    """Images for quantization-aware training: ``demo`` (the demo calibration split) or a
+    folder, searched recursively. Labels are not used (QAT distils the float model)."""
+    if source == "demo":
+        source = str(demo_split("calib"))
+    path = Path(source)
+    if path.suffix.lower() == ".npy":
+        raise InputError(f"QAT trains on image files, not an array ({path}); pass --train DIR")
+    files = list_images(path, what="QAT training folder")
+    return ImageFolder(path, [], [(f, 0) for f in files])
+
+
 def evaluation_set(source: str, *, samples: int | None = None, seed: int = 0) -> ImageFolder:
     if source == "demo":
         source = str(demo_split("eval"))

@@ -26,10 +26,11 @@ from .export import export_onnx, max_abs_diff, onnx_op_counts
 from .memory import peak_rss_mb, release_freed_memory
 from .models import (check_img_size, count_batchnorms, count_params, fold_batchnorms,
                      split_large_depthwise)
-from .rundir import RunDir
+from .rundir import RunDir, atomic_write_json
 from .runtime import OnnxRunner, TorchRunner
 
 DEMO_CLASSES = 10
+RANGES_FILE = "int8_ranges.json"  # the activation ranges the INT8 model was built with
 FOLD_TOLERANCE = 1e-4  # relative to the logit scale; folding is exact up to float rounding
 ONNX_PARITY_IMAGES = 64
 PARITY_TOLERANCE = 1e-3  # FP32 TFLite / ONNX vs PyTorch, absolute logits: beyond it the model is wrong
@@ -65,6 +66,12 @@ class QuantizeConfig:
     io_type: str = "int8"
     formats: tuple[str, ...] = ()  # extra formats beyond fp32 and int8: "fp16", "dynamic"
     max_drop: float | None = None
+    qat: bool = False  # fine-tune with INT8 simulation before converting (see edgestar.qat)
+    train: str | None = None  # QAT images: a folder or "demo" [default: the --calib source]
+    qat_epochs: int = 1
+    qat_steps: int | None = None  # stop QAT after this many steps (smoke tests, quick runs)
+    qat_lr: float = 2e-5
+    qat_batch: int = 64
     out: Path | None = None
     allow_pickle: bool = False
     seed: int = 0
@@ -114,11 +121,15 @@ def default_out(variant: str) -> Path:
     return Path("runs") / f"{variant}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def quantize(config: QuantizeConfig, *, progress_factory=None, log=None) -> QuantizeResult:
-    """Run the whole PTQ pipeline; see the module docstring. Input errors raise InputError
-    before any heavy work; stage failures raise StageError after recording them."""
+def quantize(config: QuantizeConfig, *, progress_factory=None, log=None) -> QuantizeResult | None:
+    """Run the whole pipeline; see the module docstring. Input errors raise InputError
+    before any heavy work; stage failures raise StageError after recording them. Under
+    torchrun with ``qat``, only rank 0 returns a result (the others return None after QAT)."""
     log = log or (lambda msg: None)
     _check_config(config)
+    if config.qat and _qat_rank() != 0:
+        _qat_follower(config)
+        return None
     t_start = time.perf_counter()
     out = Path(config.out) if config.out else default_out(config.variant)
     run = RunDir.create(out, tool="edgestar quantize", created=datetime.now(timezone.utc).isoformat(
@@ -181,12 +192,20 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
         if diff > FOLD_TOLERANCE * max(1.0, float(np.abs(ref_probe).max())):
             raise StageError(f"BatchNorm folding changed the logits by {diff:.3g}")
 
+    qat = None
+    if config.qat:
+        with run.stage("qat") as rec:
+            qat = _finetune(folded, calib, pre, config, progress_factory, log)
+            folded = qat.model
+            rec.update(images=qat.images, world_size=qat.world_size, seconds=qat.seconds,
+                       history=qat.history, options=qat.config, tensors=len(qat.ranges))
+
     with run.stage("export") as rec:
         exported = export_onnx(folded, pre.img_size, run.path("model.onnx"))
         onnx_path = exported["path"]
         rec["rotated_for_same_padding"] = exported["rotated_for_same_padding"]
         probe = calib[:ONNX_PARITY_IMAGES]  # TFLite FP32 is then checked on every eval image
-        parity = max_abs_diff(_logits(OnnxRunner(onnx_path), probe), _logits(TorchRunner(model), probe))
+        parity = max_abs_diff(_logits(OnnxRunner(onnx_path), probe), _logits(TorchRunner(folded), probe))
         rec.update(ops=onnx_op_counts(onnx_path), onnxruntime_max_abs_logit_diff=parity,
                    parity_images=len(probe))
         m["metrics"]["onnx_parity_max_abs"] = parity
@@ -214,20 +233,28 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
         del calib, probe
         release_freed_memory()
         t0 = time.perf_counter()
-        ranges = _measure_ranges(folded, job.calibration_file, config.calibrator, pre.img_size)
+        from .calibrate import trace
+
+        ranges = ((trace(folded), qat.ranges) if qat else
+                  _measure_ranges(folded, job.calibration_file, config.calibrator, pre.img_size))
         rec["range_seconds"] = round(time.perf_counter() - t0, 3)
         pool = ThreadPoolExecutor(max_workers=1)
-        sent = pool.submit(_send_ranges, job, ranges, sample, notes)
+        sent = pool.submit(_send_ranges, job, ranges, sample, notes, run.path(RANGES_FILE),
+                           strict=qat is not None)
         pool.shutdown(wait=False)
         release_freed_memory()
         t0 = time.perf_counter()
-        reference = _reference_logits(model, folder, pre, progress_factory)
+        torch_models = {"torch_fp32": model}
+        if qat:
+            torch_models.update(torch_qat_fp32=qat.model, torch_qat_int8sim=qat.simulated)
+        others = _reference_logits(torch_models, folder, pre, progress_factory)
+        reference = others.pop("torch_fp32")
         rec["pytorch_reference_seconds"] = round(time.perf_counter() - t0, 3)
         release_freed_memory()
         rec["calibration"] = sent.result()
         early = {}
         if job.running and job.wait_for(paths["fp32"]):  # else: evaluate all formats in one pass
-            early = _evaluate_tflite({"fp32": paths["fp32"]}, reference, pre, folder,
+            early = _evaluate_tflite({"fp32": paths["fp32"]}, reference, others, pre, folder,
                                      progress_factory, spare_core=job.running)
         details = job.wait()
         for fmt, path in paths.items():
@@ -239,9 +266,9 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
 
     with run.stage("validate") as rec:
         rest = {fmt: path for fmt, path in paths.items() if _artifact_key(fmt) not in early}
-        engines = {**early, **_evaluate_tflite(rest, reference, pre, folder, progress_factory)}
+        engines = {**early, **_evaluate_tflite(rest, reference, others, pre, folder, progress_factory)}
         rec.update(engines=engines, images=len(folder), labelled=labelled, source=str(folder.root))
-        m["metrics"].update(_metrics(engines, len(folder), labelled))
+        m["metrics"].update(_metrics(engines, len(folder), labelled, qat=qat is not None))
         parity = m["metrics"]["fp32_parity_max_abs"]
         if parity > PARITY_TOLERANCE:
             raise StageError(f"the FP32 TFLite model disagrees with PyTorch by {parity:.3g} "
@@ -280,10 +307,14 @@ def _measure_ranges(folded, calibration_file: Path, calibrator: str, img_size: i
         torch.set_num_threads(threads)
 
 
-def _send_ranges(job, ranges, sample: np.ndarray, notes: list[str]) -> dict:
+def _send_ranges(job, ranges, sample: np.ndarray, notes: list[str], ranges_file: Path, *,
+                 strict: bool = False) -> dict:
     """Give the converter its INT8 ranges once the FP32 graph exists, or let it calibrate
-    itself; return what was done, for the manifest."""
+    itself; return what was done, for the manifest. The ranges used are written to
+    ``ranges_file`` (TFLite tensor name -> fx node, min, max). ``strict`` (QAT: the ranges
+    are the trained ones) refuses TFLite's calibrator as a fallback."""
     from .calibrate import UnmatchedTensors, calibrated_model
+    from .tflite_file import tensor_names
 
     if ranges is None:
         job.calibrate_in_worker()
@@ -294,6 +325,11 @@ def _send_ranges(job, ranges, sample: np.ndarray, notes: list[str]) -> dict:
     try:
         model, pairs = calibrated_model(job.float_model.read_bytes(), gm, sample, node_range)
     except UnmatchedTensors as exc:
+        if strict:
+            names = tensor_names(job.float_model)
+            raise StageError(f"{len(exc.args[0])} TFLite tensors have no range from QAT (e.g. "
+                             f"{[names[t] for t in exc.args[0][:3]]}); the INT8 model would not "
+                             "compute as trained") from None
         job.calibrate_in_worker()
         notes.append(f"{len(exc.args[0])} TFLite tensors had no PyTorch counterpart; INT8 ranges "
                      "came from TFLite's calibrator instead")
@@ -301,7 +337,11 @@ def _send_ranges(job, ranges, sample: np.ndarray, notes: list[str]) -> dict:
     job.quantize_with(model)
     del model
     release_freed_memory()  # both graphs' intermediates, while the converter still runs
-    return {"calibrator": "edgestar", "tensors": len(pairs)}
+    names = tensor_names(job.float_model)
+    table = {names[t]: {"node": name, "min": node_range[name][0], "max": node_range[name][1]}
+             for t, name in sorted(pairs.items())}
+    atomic_write_json(ranges_file, {"source": "qat" if strict else "calibration", "tensors": table})
+    return {"calibrator": "edgestar", "tensors": len(pairs), "ranges_file": ranges_file.name}
 
 
 def check_deployable(paths: dict) -> None:
@@ -341,6 +381,13 @@ def _check_config(config: QuantizeConfig) -> None:
         raise InputError(f"unknown calibrator {config.calibrator!r}; choose one of {', '.join(CALIBRATORS)}")
     if config.calib_samples < 1:
         raise InputError(f"--calib-samples must be at least 1, got {config.calib_samples}")
+    if config.qat:
+        source = config.train or config.calib
+        if source != "demo" and (Path(source).suffix.lower() == ".npy" or not Path(source).is_dir()):
+            raise InputError(f"--qat trains on a folder of images; {source} is not one (pass --train DIR)")
+    if config.qat and (config.qat_epochs < 1 or config.qat_batch < 1 or not config.qat_lr > 0
+                       or (config.qat_steps is not None and config.qat_steps < 1)):
+        raise InputError("QAT needs --qat-epochs, --qat-batch and --qat-steps >= 1 and a positive --qat-lr")
     if config.max_drop is not None and config.max_drop < 0:
         raise InputError(f"--max-drop must be >= 0, got {config.max_drop}")
 
@@ -403,8 +450,9 @@ def _evaluation_folder(config: QuantizeConfig, num_classes: int, class_names):
     return folder, labelled
 
 
-def _reference_logits(model, folder, pre, progress_factory) -> np.ndarray:
-    """PyTorch FP32 logits on the evaluation set, on all cores but one (the converter's)."""
+def _reference_logits(models: dict, folder, pre, progress_factory) -> dict[str, np.ndarray]:
+    """PyTorch logits of each model (name -> model) on the evaluation set, on all cores but
+    one (the converter's)."""
     import torch
 
     from .validate import predict
@@ -413,14 +461,50 @@ def _reference_logits(model, folder, pre, progress_factory) -> np.ndarray:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
     bar = progress_factory(len(folder), "PyTorch reference") if progress_factory else None
     try:
-        return predict(TorchRunner(model), folder, pre, chunk=batch_size_for(pre.img_size), progress=bar)
+        return predict({name: TorchRunner(m) for name, m in models.items()}, folder, pre,
+                       chunk=batch_size_for(pre.img_size), progress=bar)
     finally:
         torch.set_num_threads(threads)
         if bar is not None:
             bar.close()
 
 
-def _evaluate_tflite(paths: dict, reference, pre, folder, progress_factory, *,
+def _qat_rank() -> int:
+    """This process's rank when torchrun started several (QAT is data-parallel), else 0."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    from .qat import distributed_context
+
+    return distributed_context()[0]
+
+
+def _qat_follower(config: QuantizeConfig) -> None:
+    """A torchrun process other than rank 0: the same model and data, its share of every QAT
+    batch, nothing written. Rank 0 runs everything else."""
+    model, ckpt = build_model(config.variant, config.weights, num_classes=config.num_classes,
+                              allow_pickle=config.allow_pickle)
+    pre = _preprocessing(config, ckpt)
+    calib, _ = calibration_inputs(config.calib, pre, samples=config.calib_samples, seed=config.seed)
+    folded = fold_batchnorms(model)
+    if config.target == "cpu":
+        folded, _ = split_large_depthwise(folded, pre.img_size)
+    _finetune(folded, calib, pre, config, None, None)
+
+
+def _finetune(folded, calib: np.ndarray, pre, config: QuantizeConfig, progress_factory, log):
+    """QAT of the folded model, its quantizers starting from the calibration ranges."""
+    from .calibrate import node_ranges, trace
+    from .data import batches, qat_images
+    from .qat import QATConfig, finetune
+
+    images = qat_images(config.train or config.calib)
+    options = QATConfig(epochs=config.qat_epochs, batch_size=config.qat_batch, lr=config.qat_lr,
+                        max_steps=config.qat_steps, seed=config.seed)
+    start = node_ranges(trace(folded), batches(calib, batch_size_for(pre.img_size)))
+    return finetune(folded, images, pre, start, config=options, progress_factory=progress_factory, log=log)
+
+
+def _evaluate_tflite(paths: dict, reference, others: dict, pre, folder, progress_factory, *,
                      spare_core: bool = False) -> dict:
     """Accuracy, agreement and logit error of each TFLite artifact against ``reference``;
     ``spare_core`` leaves one core to the converter while it still runs."""
@@ -436,6 +520,7 @@ def _evaluate_tflite(paths: dict, reference, pre, folder, progress_factory, *,
     bar = progress_factory(len(folder), f"evaluation images ({names})") if progress_factory else None
     try:
         result = evaluate(runners, folder, pre, reference=reference, reference_name="torch_fp32",
+                          others=others,
                           progress=bar, chunk=batch_size_for(pre.img_size))
     finally:
         if bar is not None:
@@ -443,8 +528,13 @@ def _evaluate_tflite(paths: dict, reference, pre, folder, progress_factory, *,
     return result.engines
 
 
-def _metrics(engines: dict, images: int, labelled: bool) -> dict:
-    """The manifest/JSON metrics from per-engine statistics."""
+def _metrics(engines: dict, images: int, labelled: bool, *, qat: bool = False) -> dict:
+    """The manifest/JSON metrics from per-engine statistics.
+
+    With QAT, ``torch_fp32`` is still the user's model (the drop and agreement are measured
+    against it); FP32 parity is against the fine-tuned float model that was exported, and
+    ``qat_sim_agreement`` is the INT8 model's top-1 agreement with the QAT simulation.
+    """
     metrics: dict = {}
     for name, stats in engines.items():
         metrics[name] = ({"top1": stats["top1"], "top5": stats["top5"]} if labelled
@@ -455,7 +545,11 @@ def _metrics(engines: dict, images: int, labelled: bool) -> dict:
     int8, ref = engines["tflite_int8"], engines["torch_fp32"]
     metrics["int8_top1_drop_pt"] = (ref["top1"] - int8["top1"]) * 100.0 if labelled else None
     metrics["int8_agreement"] = int8["agreement_top1"]
-    metrics["fp32_parity_max_abs"] = engines["tflite_fp32"]["max_abs_logit_diff"]
+    fp32 = engines["tflite_fp32"]
+    metrics["fp32_parity_max_abs"] = (fp32["vs"]["torch_qat_fp32"]["max_abs_logit_diff"] if qat
+                                      else fp32["max_abs_logit_diff"])
+    if qat:
+        metrics["qat_sim_agreement"] = int8["vs"]["torch_qat_int8sim"]["agreement_top1"]
     metrics["eval_images"] = images
     metrics["eval_labelled"] = labelled
     return metrics

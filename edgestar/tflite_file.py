@@ -82,6 +82,12 @@ def grouped_convs(model) -> int:
         for name, op in ops if name == "CONV_2D")
 
 
+def tensor_names(model: bytes | str | Path) -> list[str]:
+    """Names of subgraph 0's tensors, by index (activation names survive quantization)."""
+    graph = _schema().Model.GetRootAs(_read(model), 0).Subgraphs(0)
+    return [graph.Tensors(i).Name().decode() for i in range(graph.TensorsLength())]
+
+
 def read_metadata(model: bytes | str | Path, name: str = METADATA_NAME) -> dict | None:
     buf = _read(model)
     m = _schema().Model.GetRootAs(buf, 0)

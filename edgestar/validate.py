@@ -44,35 +44,53 @@ class EvaluationResult:
     images: int = 0
 
 
-def predict(run, folder: ImageFolder, pre: Preprocessing, *, chunk: int = 128,
-            progress=None) -> np.ndarray:
-    """Logits of one runner over the whole folder (the reference pass)."""
-    outputs = []
-    for start in range(0, len(folder.samples), chunk):
-        batch = folder.samples[start:start + chunk]
-        outputs.append(run(load_batch([p for p, _ in batch], pre)))
-        if progress is not None:
-            progress.update(len(batch))
-    return np.concatenate(outputs)
-
-
-def evaluate(runners: dict, folder: ImageFolder, pre: Preprocessing, *, reference: np.ndarray,
-             reference_name: str = "reference", chunk: int = 128, progress=None) -> EvaluationResult:
-    """Run every runner over ``folder`` and compare it with the ``reference`` logits.
-
-    Returns top-1 / top-5 accuracy, top-1 agreement with the reference and the max absolute
-    logit difference from it, per runner, and the reference's own accuracy.
-    """
-    labels_all = np.array([label for _, label in folder.samples])
-    k = min(5, reference.shape[1])
-    stats = {reference_name: EngineStats(), **{name: EngineStats() for name in runners}}
-    stats[reference_name].update(reference, labels_all, reference, k)
+def predict(runners: dict, folder: ImageFolder, pre: Preprocessing, *, chunk: int = 128,
+            progress=None) -> dict[str, np.ndarray]:
+    """Logits of each runner (name -> runner) over the whole folder, decoding each image once."""
+    outputs: dict[str, list] = {name: [] for name in runners}
     for start in range(0, len(folder.samples), chunk):
         batch = folder.samples[start:start + chunk]
         x = load_batch([p for p, _ in batch], pre)
-        ref = reference[start:start + len(batch)]
         for name, run in runners.items():
-            stats[name].update(run(x), labels_all[start:start + len(batch)], ref, k)
+            outputs[name].append(run(x))
         if progress is not None:
             progress.update(len(batch))
-    return EvaluationResult({name: s.summary() for name, s in stats.items()}, len(folder.samples))
+    return {name: np.concatenate(parts) for name, parts in outputs.items()}
+
+
+def evaluate(runners: dict, folder: ImageFolder, pre: Preprocessing, *, reference: np.ndarray,
+             reference_name: str = "reference", others: dict | None = None, chunk: int = 128,
+             progress=None) -> EvaluationResult:
+    """Run every runner over ``folder`` and compare it with the ``reference`` logits.
+
+    Returns top-1 / top-5 accuracy, top-1 agreement with the reference and the max absolute
+    logit difference from it, per runner, and the reference's own accuracy. ``others`` are
+    further precomputed logits (name -> array, e.g. a QAT model's): they are scored like the
+    reference, and every runner is also compared with each of them (``vs`` in its stats).
+    """
+    others = others or {}
+    labels_all = np.array([label for _, label in folder.samples])
+    k = min(5, reference.shape[1])
+    stats = {reference_name: EngineStats(), **{name: EngineStats() for name in [*others, *runners]}}
+    stats[reference_name].update(reference, labels_all, reference, k)
+    for name, logits in others.items():
+        stats[name].update(logits, labels_all, reference, k)
+    versus = {(run, other): EngineStats() for run in runners for other in others}
+    for start in range(0, len(folder.samples), chunk):
+        batch = folder.samples[start:start + chunk]
+        x = load_batch([p for p, _ in batch], pre)
+        rows = slice(start, start + len(batch))
+        labels = labels_all[rows]
+        for name, run in runners.items():
+            logits = run(x)
+            stats[name].update(logits, labels, reference[rows], k)
+            for other, other_logits in others.items():
+                versus[name, other].update(logits, labels, other_logits[rows], k)
+        if progress is not None:
+            progress.update(len(batch))
+    engines = {name: s.summary() for name, s in stats.items()}
+    for (name, other), s in versus.items():
+        summary = s.summary()
+        engines[name].setdefault("vs", {})[other] = {
+            "agreement_top1": summary["agreement_top1"], "max_abs_logit_diff": summary["max_abs_logit_diff"]}
+    return EvaluationResult(engines, len(folder.samples))

@@ -72,6 +72,18 @@ def test_library_rejects_unknown_target_or_calibrator(tmp_path, field, value):
         pipeline.quantize(config)
 
 
+@pytest.mark.parametrize("args,fragment", [
+    (["--qat", "--train", "nowhere"], "nowhere"),
+    (["--qat", "--calib", "x.npy"], "x.npy"),
+    (["--qat", "--train", "demo", "--qat-steps", "0"], "--qat-steps"),
+    (["--qat", "--train", "demo", "--qat-lr", "0"], "--qat-lr"),
+])
+def test_bad_qat_options(tmp_path, args, fragment):
+    result = quantize(tmp_path, "--variant", "s050", "--weights", "none", *args)
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_checkpoint(tmp_path):
     assert_one_line_error(quantize(tmp_path, "--variant", "s050", "--weights", tmp_path / "no.pt"),
                           "does not exist")

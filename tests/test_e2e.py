@@ -161,8 +161,10 @@ def assert_ranges_from_pytorch(manifest, int8_path, fp32_path):
     from edgestar.tflite_file import _operators
 
     calibration = manifest["stages"]["convert"]["calibration"]
-    assert calibration == {"calibrator": "edgestar",
+    assert calibration == {"calibrator": "edgestar", "ranges_file": "int8_ranges.json",
                            "tensors": len(activation_tensors(Path(fp32_path).read_bytes()))}
+    ranges = json.loads((Path(fp32_path).parent / "int8_ranges.json").read_text())
+    assert ranges["source"] == "calibration" and len(ranges["tensors"]) == calibration["tensors"]
     schema, graph, ops = _operators(int8_path)
     relu6 = schema.ActivationFunctionType.RELU6
     checked = 0
@@ -255,3 +257,37 @@ def test_demo_main_job(offline_env, tmp_path):
     assert metrics["fp32_parity_max_abs"] <= 1e-4
     assert metrics["int8_top1_drop_pt"] <= 1.0
     assert metrics["int8_agreement"] >= 0.95
+
+
+def test_qat_deploys_as_trained(offline_env, trained_s050, tmp_path):
+    """QAT on the tiny model: every INT8 activation has exactly the scale and zero point the
+    QAT simulation used, and the INT8 model agrees with the simulation on real images."""
+    import torch
+    from ai_edge_litert import schema_py_generated as schema
+
+    from edgestar.qat import tflite_qparams
+
+    env, _ = offline_env
+    run = tmp_path / "qat"
+    res = edgestar(env, "quantize", "--variant", "s050", "--weights", trained_s050, "--qat",
+                   "--train", "demo", "--qat-steps", 6, "--qat-batch", 32, "--qat-lr", 5e-5,
+                   "--calib-samples", 100, "--eval", "demo", "--eval-samples", 300,
+                   "--out", run, "--json", "-q")
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads((run / "manifest.json").read_text())
+    stage = manifest["stages"]["qat"]
+    assert stage["history"][-1]["steps"] == 6 and stage["world_size"] == 1
+    assert manifest["stages"]["convert"]["calibration"]["calibrator"] == "edgestar"
+    ranges = json.loads((run / "int8_ranges.json").read_text())
+    assert ranges["source"] == "qat" and len(ranges["tensors"]) == stage["tensors"] + 1  # + the rotated input
+    int8 = run / manifest["artifacts"]["tflite_int8"]["path"]
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(int8.read_bytes(), 0))
+    tensors = {t.name.decode(): t for t in model.subgraphs[0].tensors}
+    for name, r in ranges["tensors"].items():
+        scale, zero_point = tflite_qparams(torch.tensor(r["min"]), torch.tensor(r["max"]))
+        q = tensors[name].quantization
+        assert q.scale[0] == pytest.approx(scale.item(), rel=1e-6), name
+        assert q.zeroPoint[0] == zero_point.item(), name
+    m = manifest["metrics"]
+    assert m["qat_sim_agreement"] >= 0.99, m
+    assert m["fp32_parity_max_abs"] <= 1e-4
