@@ -381,6 +381,8 @@ def _check_config(config: QuantizeConfig) -> None:
         raise InputError(f"unknown calibrator {config.calibrator!r}; choose one of {', '.join(CALIBRATORS)}")
     if config.calib_samples < 1:
         raise InputError(f"--calib-samples must be at least 1, got {config.calib_samples}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not config.qat:
+        raise InputError("several torchrun processes are only used for --qat; run quantize alone")
     if config.qat:
         source = config.train or config.calib
         if source != "demo" and (Path(source).suffix.lower() == ".npy" or not Path(source).is_dir()):

@@ -197,3 +197,10 @@ def test_train_smoke_on_demo(tmp_path):
     ckpt = read_checkpoint(tmp_path / "m.pt")
     assert ckpt.variant == "s050" and ckpt.num_classes == 10 and len(ckpt.class_names) == 10
     assert ckpt.preprocessing.img_size == 32
+
+
+def test_torchrun_without_qat_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = quantize(tmp_path, "--variant", "s050", "--weights", "none")
+    assert_one_line_error(result, "--qat")
+    assert not (tmp_path / "run").exists()
