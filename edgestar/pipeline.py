@@ -217,6 +217,7 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
     formats = ("fp32", "int8") + tuple(f for f in config.formats if f not in ("fp32", "int8"))
     paths = {fmt: run.path(_artifact_name(config.variant, pre.img_size, fmt)) for fmt in formats}
     with run.stage("convert") as rec:
+        from .calibrate import trace
         from .tflite_file import op_counts
 
         tflite_meta = {"edgestar_version": __version__, "variant": config.variant,
@@ -233,8 +234,6 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
         del calib, probe
         release_freed_memory()
         t0 = time.perf_counter()
-        from .calibrate import trace
-
         ranges = ((trace(folded), qat.ranges) if qat else
                   _measure_ranges(folded, job.calibration_file, config.calibrator, pre.img_size))
         rec["range_seconds"] = round(time.perf_counter() - t0, 3)
@@ -268,7 +267,7 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
         rest = {fmt: path for fmt, path in paths.items() if _artifact_key(fmt) not in early}
         engines = {**early, **_evaluate_tflite(rest, reference, others, pre, folder, progress_factory)}
         rec.update(engines=engines, images=len(folder), labelled=labelled, source=str(folder.root))
-        m["metrics"].update(_metrics(engines, len(folder), labelled, qat=qat is not None))
+        m["metrics"].update(_metrics(engines, len(folder), labelled))
         parity = m["metrics"]["fp32_parity_max_abs"]
         if parity > PARITY_TOLERANCE:
             raise StageError(f"the FP32 TFLite model disagrees with PyTorch by {parity:.3g} "
@@ -387,9 +386,7 @@ def _check_config(config: QuantizeConfig) -> None:
         source = config.train or config.calib
         if source != "demo" and (Path(source).suffix.lower() == ".npy" or not Path(source).is_dir()):
             raise InputError(f"--qat trains on a folder of images; {source} is not one (pass --train DIR)")
-    if config.qat and (config.qat_epochs < 1 or config.qat_batch < 1 or not config.qat_lr > 0
-                       or (config.qat_steps is not None and config.qat_steps < 1)):
-        raise InputError("QAT needs --qat-epochs, --qat-batch and --qat-steps >= 1 and a positive --qat-lr")
+        _qat_options(config).validate()
     if config.max_drop is not None and config.max_drop < 0:
         raise InputError(f"--max-drop must be >= 0, got {config.max_drop}")
 
@@ -497,13 +494,19 @@ def _finetune(folded, calib: np.ndarray, pre, config: QuantizeConfig, progress_f
     """QAT of the folded model, its quantizers starting from the calibration ranges."""
     from .calibrate import node_ranges, trace
     from .data import batches, qat_images
-    from .qat import QATConfig, finetune
+    from .qat import finetune
 
     images = qat_images(config.train or config.calib)
-    options = QATConfig(epochs=config.qat_epochs, batch_size=config.qat_batch, lr=config.qat_lr,
-                        max_steps=config.qat_steps, seed=config.seed)
     start = node_ranges(trace(folded), batches(calib, batch_size_for(pre.img_size)))
-    return finetune(folded, images, pre, start, config=options, progress_factory=progress_factory, log=log)
+    return finetune(folded, images, pre, start, config=_qat_options(config),
+                    progress_factory=progress_factory, log=log)
+
+
+def _qat_options(config: QuantizeConfig):
+    from .qat import QATConfig
+
+    return QATConfig(epochs=config.qat_epochs, batch_size=config.qat_batch, lr=config.qat_lr,
+                     max_steps=config.qat_steps, seed=config.seed)
 
 
 def _evaluate_tflite(paths: dict, reference, others: dict, pre, folder, progress_factory, *,
@@ -530,13 +533,14 @@ def _evaluate_tflite(paths: dict, reference, others: dict, pre, folder, progress
     return result.engines
 
 
-def _metrics(engines: dict, images: int, labelled: bool, *, qat: bool = False) -> dict:
+def _metrics(engines: dict, images: int, labelled: bool) -> dict:
     """The manifest/JSON metrics from per-engine statistics.
 
     With QAT, ``torch_fp32`` is still the user's model (the drop and agreement are measured
     against it); FP32 parity is against the fine-tuned float model that was exported, and
     ``qat_sim_agreement`` is the INT8 model's top-1 agreement with the QAT simulation.
     """
+    qat = "torch_qat_fp32" in engines
     metrics: dict = {}
     for name, stats in engines.items():
         metrics[name] = ({"top1": stats["top1"], "top5": stats["top5"]} if labelled

@@ -62,10 +62,10 @@ class QATConfig:
         if self.epochs < 1:
             raise InputError(f"--qat-epochs must be at least 1, got {self.epochs}")
         if self.batch_size < world_size or self.batch_size % world_size:
-            raise InputError(f"the QAT batch size {self.batch_size} must be a multiple of the "
+            raise InputError(f"--qat-batch {self.batch_size} must be a multiple of the "
                              f"{world_size} processes")
         if not self.lr > 0:
-            raise InputError(f"the QAT learning rate must be positive, got {self.lr}")
+            raise InputError(f"--qat-lr must be positive, got {self.lr}")
         if self.max_steps is not None and self.max_steps < 1:
             raise InputError(f"--qat-steps must be at least 1, got {self.max_steps}")
 

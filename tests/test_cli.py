@@ -204,3 +204,15 @@ def test_torchrun_without_qat_is_refused(tmp_path, monkeypatch):
     result = quantize(tmp_path, "--variant", "s050", "--weights", "none")
     assert_one_line_error(result, "--qat")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("field,value,fragment", [("qat_lr", 0.0, "--qat-lr"), ("qat_epochs", 0, "--qat-epochs"),
+                                                  ("qat_steps", 0, "--qat-steps")])
+def test_library_rejects_bad_qat_options(tmp_path, field, value, fragment):
+    from edgestar.errors import InputError
+
+    config = pipeline.QuantizeConfig(variant="s050", weights="none", qat=True, train="demo",
+                                     out=tmp_path / "run", **{field: value})
+    with pytest.raises(InputError, match=fragment):
+        pipeline.quantize(config)
+    assert not (tmp_path / "run").exists()
