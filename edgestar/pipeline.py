@@ -7,6 +7,7 @@ written, and ``QuantizeResult.passed`` says whether the gate held.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import time
@@ -21,6 +22,7 @@ import numpy as np
 from . import __version__
 from .checkpoints import build_model, sha256_file
 from .data import Preprocessing, calibration_inputs, evaluation_set, read_batches
+from .diagnose import DIAGNOSE_IMAGES, LAYER_ERRORS_FILE, layer_errors, spread
 from .errors import InputError, StageError
 from .export import export_onnx, max_abs_diff, onnx_op_counts
 from .memory import peak_rss_mb, release_freed_memory
@@ -33,6 +35,7 @@ DEMO_CLASSES = 10
 RANGES_FILE = "int8_ranges.json"  # the activation ranges the INT8 model was built with
 FOLD_TOLERANCE = 1e-4  # relative to the logit scale; folding is exact up to float rounding
 ONNX_PARITY_IMAGES = 64
+WORST_SHOWN = 5  # tensors of the error table copied into the manifest's metrics
 PARITY_TOLERANCE = 1e-3  # FP32 TFLite / ONNX vs PyTorch, absolute logits: beyond it the model is wrong
 
 TARGETS = {
@@ -273,6 +276,19 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
             raise StageError(f"the FP32 TFLite model disagrees with PyTorch by {parity:.3g} "
                              "(max |logit diff|): the conversion is wrong")
 
+    with run.stage("diagnose") as rec:
+        rows = _layer_errors(run, folded, paths, folder, pre)
+        if rows is None:
+            rec["skipped"] = "some TFLite tensors have no PyTorch counterpart"
+        else:
+            atomic_write_json(run.path(LAYER_ERRORS_FILE), {
+                "images": min(DIAGNOSE_IMAGES, len(folder)), "sorted_by": "own_sqnr_db",
+                "tensors": rows})
+            run.add_artifact("layer_errors", run.path(LAYER_ERRORS_FILE))
+            rec["tensors"] = len(rows)
+            m["metrics"]["worst_int8_tensors"] = [
+                {k: r[k] for k in ("node", "where", "op", "own_sqnr_db", "sqnr_db")} for r in rows[:WORST_SHOWN]]
+
     passed = True
     if config.max_drop is not None:
         drop = m["metrics"].get("int8_top1_drop_pt")
@@ -341,6 +357,29 @@ def _send_ranges(job, ranges, sample: np.ndarray, notes: list[str], ranges_file:
              for t, name in sorted(pairs.items())}
     atomic_write_json(ranges_file, {"source": "qat" if strict else "calibration", "tensors": table})
     return {"calibrator": "edgestar", "tensors": len(pairs), "ranges_file": ranges_file.name}
+
+
+def _layer_errors(run: RunDir, folded, paths: dict, folder, pre) -> list[dict] | None:
+    """The per-tensor INT8 error table (:mod:`edgestar.diagnose`) on a spread of evaluation
+    images; None when some tensor has no PyTorch counterpart (TFLite's calibrator ran)."""
+    from .calibrate import UnmatchedTensors, match_tensors, trace
+    from .data import load_batch
+    from .tflite_file import tensor_names
+
+    gm = trace(folded)
+    images = load_batch([p for p, _ in spread(folder.samples, DIAGNOSE_IMAGES)], pre)
+    ranges_file = run.path(RANGES_FILE)
+    if ranges_file.exists():
+        table = json.loads(ranges_file.read_text())["tensors"]
+        pairs = {name: entry["node"] for name, entry in table.items()}
+    else:
+        try:
+            by_index = match_tensors(paths["fp32"].read_bytes(), gm, images[:1])
+        except UnmatchedTensors:
+            return None
+        names = tensor_names(paths["fp32"])
+        pairs = {names[t]: node for t, node in by_index.items()}
+    return layer_errors(paths["int8"], gm, pairs, images, chunk=batch_size_for(pre.img_size))
 
 
 def check_deployable(paths: dict) -> None:

@@ -1,6 +1,8 @@
 """Human-readable reports rendered from manifests alone."""
 from __future__ import annotations
 
+from .diagnose import format_rows
+
 
 def summary_table(manifest: dict, out=None) -> str:
     """Format, size, top-1, drop and agreement of each artifact, from a manifest alone."""
@@ -9,6 +11,8 @@ def summary_table(manifest: dict, out=None) -> str:
     rows = [("format", "bytes", "top-1", "drop (pt)", "agreement")]
     rows.append(("pytorch fp32", "-", _pct(ref_top1), "-", "-"))
     for key, art in manifest["artifacts"].items():
+        if key != "onnx" and not key.startswith("tflite_"):
+            continue  # not a model (the error table, ...)
         stats = metrics.get(key, {})
         top1 = stats.get("top1")
         drop = f"{(ref_top1 - top1) * 100:+.2f}" if None not in (top1, ref_top1) else "-"
@@ -25,7 +29,12 @@ def summary_table(manifest: dict, out=None) -> str:
     foot = f"{images} evaluation images" + ("" if metrics.get("eval_labelled") else " (unlabelled: no accuracy)")
     if parity is not None:
         foot += f"; FP32 TFLite vs PyTorch max |dlogit| {parity:.2e}"
-    tail = [foot] + ([f"run directory: {out}"] if out is not None else [])
+    tail = [foot]
+    worst = metrics.get("worst_int8_tensors")
+    if worst:
+        tail += ["", "INT8 tensors with the most quantization error (layer_errors.json has all):"]
+        tail += ["  " + line for line in format_rows(worst, len(worst))]
+    tail += [f"run directory: {out}"] if out is not None else []
     return "\n".join(lines + tail)
 
 

@@ -103,7 +103,7 @@ def test_quantize_tiny_model_end_to_end(offline_env, trained_s050, tmp_path):
     assert abs(metrics["int8_top1_drop_pt"]
                - 100 * (metrics["torch_fp32"]["top1"] - metrics["tflite_int8"]["top1"])) < 1e-9
     assert set(report["artifacts"]) == {"onnx", "tflite_fp32", "tflite_int8", "tflite_fp16",
-                                        "tflite_dynamic"}
+                                        "tflite_dynamic", "layer_errors"}
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "ok"
@@ -127,6 +127,7 @@ def test_quantize_tiny_model_end_to_end(offline_env, trained_s050, tmp_path):
     assert_deployment_graph(int8_path, blocks=6, split=split)
     assert_ranges_from_pytorch(manifest, int8_path, report["artifacts"]["tflite_fp32"])
     assert "QUANTIZE" not in op_counts(int8_path) and "DEQUANTIZE" not in op_counts(int8_path)
+    assert_layer_errors(manifest, out)
     assert_deployment_graph(report["artifacts"]["tflite_fp32"], blocks=6, split=split, integer=False)
     for key in ("tflite_fp32", "tflite_fp16", "tflite_dynamic"):
         Interpreter(model_path=report["artifacts"][key]).allocate_tensors()
@@ -179,6 +180,22 @@ def assert_ranges_from_pytorch(manifest, int8_path, fp32_path):
             assert q.ZeroPoint(0) == -128 and q.Scale(0) <= 6.0 / 255 + 1e-9
             checked += 1
     assert checked >= 2  # the stem and every f1 branch
+
+
+def assert_layer_errors(manifest, out):
+    """The per-tensor error table covers every INT8 activation, worst first, with plausible
+    int8 SQNRs; at the input, where nothing came before, accumulated error = own error."""
+    table = json.loads((out / "layer_errors.json").read_text())
+    rows = table["tensors"]
+    assert len(rows) == manifest["stages"]["convert"]["calibration"]["tensors"]
+    own = [r["own_sqnr_db"] for r in rows]
+    assert own == sorted(own)
+    assert all(8.0 < db < 60.0 for db in own)  # 8 bits: ~48 dB for a uniform tensor
+    first = next(r for r in rows if r["op"] == "input")
+    assert abs(first["sqnr_db"] - first["own_sqnr_db"]) < 0.05
+    assert {r["op"] for r in rows} >= {"MUL", "ADD", "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}
+    worst = manifest["metrics"]["worst_int8_tensors"]
+    assert [w["node"] for w in worst] == [r["node"] for r in rows[:len(worst)]]
 
 
 def test_same_inputs_give_byte_identical_models(offline_env, trained_s050, tmp_path):
