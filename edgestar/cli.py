@@ -144,8 +144,9 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
               help="Classifier size [default: from the checkpoint].")
 @click.option("--img-size", type=ImageSize(), default=None,
               help="Input resolution, a multiple of 32 [default: the checkpoint's, else 224].")
-@click.option("--calib", default="demo", show_default=True, metavar="DIR|FILE.npy|demo",
-              help="Calibration images: a folder (searched recursively), a .npy array, or the demo set.")
+@click.option("--calib", default="demo", show_default=True, metavar="DIR|FILE.npy|demo|distilled",
+              help="Calibration images: a folder (searched recursively), a .npy array, the demo set, "
+                   "or distilled: no images, inputs synthesized from the model's BatchNorm statistics.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--target", type=click.Choice(["cpu", "micro"]), default="cpu", show_default=True,
               help="Runtime to shape the graph for: cpu = LiteRT/XNNPACK on phones and boards "
@@ -154,6 +155,10 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
               show_default=True,
               help="Where INT8 activation ranges are measured: on the PyTorch model (fast, "
                    "exact ranges), or by TFLite's own calibrator (slow; the baseline).")
+@click.option("--ptq", default=None, metavar="all|none|LIST",
+              help="Post-training techniques beyond min/max calibration, comma-separated: "
+                   "scale-star, scale-dw, scale-g (exact rescalings), bias-correct, mse-ranges "
+                   "[default: scale-star,mse-ranges].")
 @click.option("--eval", "eval_", default=None, metavar="DIR|demo",
               help="Labelled evaluation folder (one sub-folder per class) [default: the demo set].")
 @click.option("--eval-samples", type=click.IntRange(min=1), default=None,
@@ -165,6 +170,10 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
 @click.option("--max-drop", type=click.FloatRange(min=0), default=None, metavar="POINTS",
               help="Exit with code 1 when INT8 top-1 falls more than this many points below "
                    "PyTorch FP32 (the report is still written).")
+@click.option("--fallback", type=click.Choice(["none", "float"]), default="none", show_default=True,
+              help="With --max-drop: float = when INT8 drops more, keep the tensors with the most "
+                   "quantization error (1, 2, 4, ... of them) in float until the drop is within it; "
+                   "the report gives the size and latency this cost.")
 @click.option("--qat", is_flag=True,
               help="Quantization-aware training first: fine-tune with the INT8 model simulated "
                    "(distilling the float model), then deploy with the ranges it trained with. "
@@ -185,8 +194,8 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
                    "unpickling can run any code.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout at the end.")
 @quiet_option
-def quantize(variant, weights, num_classes, img_size, calib, calib_samples, target, calibrator, eval_,
-             eval_samples, io_type, formats, max_drop, qat, train, qat_epochs, qat_steps, qat_lr,
+def quantize(variant, weights, num_classes, img_size, calib, calib_samples, target, calibrator, ptq, eval_,
+             eval_samples, io_type, formats, max_drop, fallback, qat, train, qat_epochs, qat_steps, qat_lr,
              qat_batch, out, seed, unsafe_allow_pickle, as_json, quiet):
     """Convert a StarNet checkpoint to validated FP32 and INT8 TFLite models."""
     from .pipeline import QuantizeConfig, quantize as run_quantize
@@ -194,9 +203,10 @@ def quantize(variant, weights, num_classes, img_size, calib, calib_samples, targ
 
     config = QuantizeConfig(
         variant=variant, weights=weights, num_classes=num_classes, img_size=img_size,
-        calib=calib, calib_samples=calib_samples, calibrator=calibrator, target=target,
+        calib=calib, calib_samples=calib_samples, calibrator=calibrator, ptq=ptq, target=target,
         eval=eval_, eval_samples=eval_samples,
-        io_type=io_type, formats=tuple(formats), max_drop=max_drop, qat=qat, train=train,
+        io_type=io_type, formats=tuple(formats), max_drop=max_drop, fallback=fallback, qat=qat,
+        train=train,
         qat_epochs=qat_epochs, qat_steps=qat_steps, qat_lr=qat_lr, qat_batch=qat_batch,
         out=Path(out) if out else None, allow_pickle=unsafe_allow_pickle, seed=seed)
     log = (lambda *_: None) if quiet else (lambda msg: click.echo(msg, err=True))

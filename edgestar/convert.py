@@ -77,10 +77,12 @@ class Conversion:
                                      cwd=self.work, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def submit(self, onnx_path: Path, outputs: dict[str, Path], *, calibration: np.ndarray,
-               io_type: str, metadata: dict, mean, std) -> "Conversion":
+               io_type: str, metadata: dict, mean, std,
+               keep_calibrated: Path | None = None) -> "Conversion":
         """Hand the worker its job. ``calibration`` holds float32 NCHW preprocessed inputs; it
         drives INT8 calibration and provides onnx2tf's sample images (``mean``/``std`` undo
-        the normalisation for those)."""
+        the normalisation for those). ``keep_calibrated``: where to leave the FP32 graph with
+        its INT8 ranges recorded, for a :class:`Requantizer`."""
         unknown = set(outputs) - set(FORMATS)
         if unknown:
             raise ValueError(f"unknown formats {sorted(unknown)}")
@@ -99,6 +101,7 @@ class Conversion:
             "io_type": io_type,
             "metadata": metadata,
             "result": str(work / "result.json"),
+            "keep_calibrated": str(Path(keep_calibrated).resolve()) if keep_calibrated else None,
         }
         (work / "spec.json.tmp").write_text(json.dumps(spec))
         os.replace(work / "spec.json.tmp", work / SPEC_FILE)  # the worker starts on this rename
@@ -168,6 +171,67 @@ class Conversion:
         self._tmp.cleanup()
 
 
+class Requantizer:
+    """A TensorFlow subprocess that re-quantizes one calibrated FP32 graph (see
+    ``Conversion.submit(keep_calibrated=...)``) with chosen tensors kept float, as often as
+    asked: the float fallback of ``quantize --fallback`` tries a few sets in a row and pays
+    the TensorFlow import once. Requests go through stdin, models come back as files."""
+
+    def __init__(self, calibrated: Path, io_type: str, log_path: Path):
+        if io_type not in IO_TYPES:
+            raise ValueError(f"unknown io type {io_type}")
+        self._tmp = tempfile.TemporaryDirectory(prefix="edgestar-requantize-")
+        self.work = Path(self._tmp.name)
+        self._count = 0
+        self._log = open(log_path, "ab")
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1")
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edgestar.convert", "--requantize", str(calibrated), io_type],
+            cwd=self.work, stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def __call__(self, keep_float: list[str]) -> bytes:
+        """The INT8 model with the ops writing ``keep_float`` (tensor names) in float."""
+        self._count += 1
+        out = self.work / f"model{self._count}.tflite"
+        self.proc.stdin.write((json.dumps({"keep_float": keep_float, "out": str(out)}) + "\n").encode())
+        self.proc.stdin.flush()
+        while not out.exists() and self.proc.poll() is None:
+            time.sleep(0.02)
+        if not out.exists():
+            raise StageError(f"re-quantization failed (exit code {self.proc.returncode}; "
+                             f"log: {self._log.name})")
+        data = out.read_bytes()
+        out.unlink()
+        return data
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        self._tmp.cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _requantize_server(calibrated: str, io_type: str) -> int:
+    """Requantizer's worker: one JSON request per stdin line until stdin closes."""
+    model = Path(calibrated).read_bytes()
+    for line in sys.stdin:
+        request = json.loads(line)
+        _write_atomic(Path(request["out"]), _quantize(model, io_type, request["keep_float"]))
+    return 0
+
+
 # --------------------------------------------------------------------------- worker side
 
 def _worker(spec_path: str) -> int:
@@ -199,6 +263,8 @@ def _worker(spec_path: str) -> int:
             if calibrated is None:
                 calibrated = _tflite_calibration(float_model, np.load(work / CALIBRATION_FILE))
                 source = "tflite"
+            if spec.get("keep_calibrated"):  # for a later float fallback (Requantizer)
+                _write_atomic(Path(spec["keep_calibrated"]), calibrated)
             model = _quantize(calibrated, spec["io_type"])
             _finish(spec, "int8", model, {"seconds": round(time.perf_counter() - t0, 3),
                                           "ranges": source}, result)
@@ -253,12 +319,14 @@ def _io_dtype(io_type: str):
     return {"int8": tf.int8, "uint8": tf.uint8, "float": tf.float32}[io_type]
 
 
-def _quantize(calibrated: bytes, io_type: str) -> bytes:
-    """Full-integer INT8 from a float flatbuffer whose activation ranges are recorded."""
+def _quantize(calibrated: bytes, io_type: str, keep_float: list[str] | None = None) -> bytes:
+    """Full-integer INT8 from a float flatbuffer whose activation ranges are recorded; the ops
+    writing the tensors named in ``keep_float`` stay float, between DEQUANTIZE and QUANTIZE."""
     from tensorflow.lite.python.convert import mlir_quantize
 
     dtype = _io_dtype(io_type)
-    return mlir_quantize(calibrated, input_data_type=dtype, output_data_type=dtype)
+    return mlir_quantize(calibrated, input_data_type=dtype, output_data_type=dtype,
+                         denylisted_nodes=keep_float or None)
 
 
 def _keep_residual_adds_nhwc() -> None:
@@ -424,4 +492,6 @@ def _exit_now(code: int) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "--serve":
         _exit_now(_serve(sys.argv[2]))
+    if sys.argv[1] == "--requantize":
+        _exit_now(_requantize_server(sys.argv[2], sys.argv[3]))
     _exit_now(_worker(sys.argv[1]))

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import platform
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,17 +22,19 @@ import numpy as np
 
 from . import __version__
 from .checkpoints import build_model, sha256_file
-from .data import Preprocessing, calibration_inputs, evaluation_set, read_batches
+from .data import Preprocessing, batches, calibration_inputs, evaluation_set, read_batches
 from .diagnose import DIAGNOSE_IMAGES, LAYER_ERRORS_FILE, layer_errors, spread
 from .errors import InputError, StageError
 from .export import export_onnx, max_abs_diff, onnx_op_counts
 from .memory import peak_rss_mb, release_freed_memory
 from .models import (check_img_size, count_batchnorms, count_params, fold_batchnorms,
                      split_large_depthwise)
+from .ptq import EXACT as EXACT_RESCALINGS, correct_biases, rescale
 from .rundir import RunDir, atomic_write_json
 from .runtime import OnnxRunner, TorchRunner
 
 DEMO_CLASSES = 10
+DISTILLED = "distilled"  # --calib value: no images, inputs synthesized from BatchNorm statistics
 RANGES_FILE = "int8_ranges.json"  # the activation ranges the INT8 model was built with
 FOLD_TOLERANCE = 1e-4  # relative to the logit scale; folding is exact up to float rounding
 ONNX_PARITY_IMAGES = 64
@@ -49,6 +52,13 @@ CALIBRATORS = {
     "tflite": "TFLite's own calibrator on the FP32 .tflite (single-threaded reference kernels)",
 }
 
+DEFAULT_PTQ = ("scale-star", "mse-ranges")  # what the ablation in bench/RESULTS.md supports
+
+FALLBACKS = {
+    "none": "a drop beyond --max-drop fails the run",
+    "float": "keep the worst tensors (error table order) in float until the drop is within --max-drop",
+}
+
 TOOL_PACKAGES = ("torch", "tensorflow", "onnx", "onnx2tf", "onnxruntime", "ai-edge-litert", "numpy")
 
 
@@ -63,12 +73,14 @@ class QuantizeConfig:
     calib: str = "demo"
     calib_samples: int = 300
     calibrator: str = "edgestar"  # where INT8 activation ranges are measured, see CALIBRATORS
+    ptq: str | tuple[str, ...] | None = None  # edgestar.ptq techniques ("a,b" or a tuple); None: DEFAULT_PTQ
     target: str = "cpu"  # the runtime the graph is shaped for, see TARGETS
     eval: str | None = None  # None: the demo evaluation set, used with labels if classes match
     eval_samples: int | None = None
     io_type: str = "int8"
     formats: tuple[str, ...] = ()  # extra formats beyond fp32 and int8: "fp16", "dynamic"
     max_drop: float | None = None
+    fallback: str = "none"  # "float": meet max_drop by keeping the worst tensors float
     qat: bool = False  # fine-tune with INT8 simulation before converting (see edgestar.qat)
     train: str | None = None  # QAT images: a folder or "demo" [default: the --calib source]
     qat_epochs: int = 1
@@ -141,7 +153,8 @@ def quantize(config: QuantizeConfig, *, progress_factory=None, log=None) -> Quan
 
     job = Conversion(run.path("convert.log"))  # imports TensorFlow while PyTorch stages run
     try:
-        return _run_stages(run, job, config, t_start, progress_factory, log)
+        with tempfile.TemporaryDirectory(prefix="edgestar-scratch-") as scratch:
+            return _run_stages(run, job, config, t_start, progress_factory, log, Path(scratch))
     except BaseException:
         job.cancel()
         # A model from a failed run must not look like a finished one.
@@ -149,7 +162,8 @@ def quantize(config: QuantizeConfig, *, progress_factory=None, log=None) -> Quan
         raise
 
 
-def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progress_factory, log):
+def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progress_factory, log,
+                scratch: Path):
     m = run.manifest
     notes: list[str] = []
 
@@ -176,17 +190,19 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
                                      "sha256": files_digest([p for p, _ in folder.samples], folder.root)}
 
     with run.stage("calibration_data"):
-        calib, calib_info = calibration_inputs(config.calib, pre, samples=config.calib_samples,
-                                               seed=config.seed, progress_factory=progress_factory)
+        calib, calib_info = _calibration(model, pre, config, progress_factory)
+        if config.calib == DISTILLED:
+            notes.append("calibrated on inputs distilled from the BatchNorm statistics (no "
+                         "images); real images like the deployment data calibrate better")
         m["inputs"]["calibration"] = calib_info | {"sha256": hashlib.sha256(calib.tobytes()).hexdigest()}
         if config.calib == "demo" and not _is_demo_model(config, model):
             notes.append("calibrated on the CIFAR-10 demo images; pass --calib DIR with images "
                          "like your deployment data for the best INT8 accuracy")
 
+    techniques = ptq_techniques(config)
+    m["ptq"] = list(techniques)
     with run.stage("fold") as rec:
-        folded = fold_batchnorms(model)
-        if config.target == "cpu":
-            folded, rec["split_depthwise_convs"] = split_large_depthwise(folded, pre.img_size)
+        folded = _fold(model, calib, pre, config.target, techniques, rec)
         probe = calib[: min(len(calib), 16)]
         ref_probe = _logits(TorchRunner(model), probe)
         diff = max_abs_diff(_logits(TorchRunner(folded), probe), ref_probe)
@@ -195,10 +211,16 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
         if diff > FOLD_TOLERANCE * max(1.0, float(np.abs(ref_probe).max())):
             raise StageError(f"BatchNorm folding changed the logits by {diff:.3g}")
 
+    if "bias-correct" in techniques:
+        with run.stage("bias_correction") as rec:
+            folded, info = correct_biases(folded, batches(calib, batch_size_for(pre.img_size)))
+            rec.update(info, max_abs_logit_change=max_abs_diff(_logits(TorchRunner(folded), probe),
+                                                               ref_probe))
+
     qat = None
     if config.qat:
         with run.stage("qat") as rec:
-            qat = _finetune(folded, calib, pre, config, progress_factory, log)
+            qat = _finetune(folded, calib, pre, config, techniques, progress_factory, log)
             folded = qat.model
             rec.update(images=qat.images, world_size=qat.world_size, seconds=qat.seconds,
                        history=qat.history, options=qat.config, tensors=len(qat.ranges))
@@ -226,8 +248,10 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
         tflite_meta = {"edgestar_version": __version__, "variant": config.variant,
                        "num_classes": model.num_classes, "class_names": class_names,
                        "preprocessing": m["preprocessing"]}
+        calibrated = scratch / "calibrated.tflite"  # kept for a float fallback
         job.submit(onnx_path, paths, calibration=calib, io_type=config.io_type,
-                   metadata=tflite_meta, mean=pre.mean, std=pre.std)
+                   metadata=tflite_meta, mean=pre.mean, std=pre.std,
+                   keep_calibrated=calibrated if config.fallback == "float" else None)
         # The converter is mostly single-threaded: meanwhile measure the INT8 ranges, hand
         # them over as soon as the FP32 graph exists (a thread waits for it) and evaluate
         # PyTorch. On any error the caller cancels the job, which also ends the thread.
@@ -238,7 +262,8 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
         release_freed_memory()
         t0 = time.perf_counter()
         ranges = ((trace(folded), qat.ranges) if qat else
-                  _measure_ranges(folded, job.calibration_file, config.calibrator, pre.img_size))
+                  _measure_ranges(folded, job.calibration_file, config.calibrator, pre.img_size,
+                                  mse="mse-ranges" in techniques))
         rec["range_seconds"] = round(time.perf_counter() - t0, 3)
         pool = ThreadPoolExecutor(max_workers=1)
         sent = pool.submit(_send_ranges, job, ranges, sample, notes, run.path(RANGES_FILE),
@@ -249,6 +274,8 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
         torch_models = {"torch_fp32": model}
         if qat:
             torch_models.update(torch_qat_fp32=qat.model, torch_qat_int8sim=qat.simulated)
+        elif "bias-correct" in techniques:  # the exported model is not the user's exactly
+            torch_models.update(torch_exported_fp32=folded)
         others = _reference_logits(torch_models, folder, pre, progress_factory)
         reference = others.pop("torch_fp32")
         rec["pytorch_reference_seconds"] = round(time.perf_counter() - t0, 3)
@@ -292,6 +319,20 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
     passed = True
     if config.max_drop is not None:
         drop = m["metrics"].get("int8_top1_drop_pt")
+        if drop is not None and drop > config.max_drop and config.fallback == "float" and rows:
+            with run.stage("fallback") as rec:
+                found = _float_fallback(config, paths["int8"], calibrated, rows, reference, pre,
+                                        folder, {**tflite_meta, "format": "int8",
+                                                 "io_type": config.io_type}, run, rec)
+            if found is not None:
+                engines = {**engines, "tflite_int8": found}  # the validate record keeps pure INT8
+                m["metrics"].update(_metrics(engines, len(folder), labelled))
+                m["metrics"]["fallback"] = {k: rec[k] for k in ("float_tensors", "bytes", "latency_ms")}
+                run.add_artifact("tflite_int8", paths["int8"], io_type=config.io_type)
+                drop = m["metrics"]["int8_top1_drop_pt"]
+                notes.append(f"--fallback float kept {len(rec['float_tensors'])} tensors in float to "
+                             f"meet --max-drop: INT8 size x{rec['bytes']['ratio']:.3f}, latency "
+                             f"x{rec['latency_ms']['ratio']:.2f} on this machine")
         passed = drop is not None and drop <= config.max_drop
         m["gate"] = {"max_drop_pt": config.max_drop, "int8_top1_drop_pt": drop, "passed": passed}
     m["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
@@ -303,23 +344,36 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
 
 # --------------------------------------------------------------------------- helpers
 
-def _measure_ranges(folded, calibration_file: Path, calibrator: str, img_size: int):
+def _measure_ranges(folded, calibration_file: Path, calibrator: str, img_size: int, *, mse: bool):
     """(fx graph, fx node -> (min, max)) for the edgestar calibrator, measured on all cores
     but the converter's over the NHWC calibration file; None for TFLite's calibrator."""
     if calibrator != "edgestar":
         return None
     import torch
 
-    from .calibrate import node_ranges, trace
+    from .calibrate import trace
 
     gm = trace(folded)
-    nchw = (b.transpose(0, 3, 1, 2) for b in read_batches(calibration_file, batch_size_for(img_size)))
+
+    def nchw():
+        return (b.transpose(0, 3, 1, 2) for b in read_batches(calibration_file, batch_size_for(img_size)))
+
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
     try:
-        return gm, node_ranges(gm, nchw)
+        return gm, calibration_ranges(gm, nchw, mse=mse)
     finally:
         torch.set_num_threads(threads)
+
+
+def calibration_ranges(gm, batches_fn, *, mse: bool) -> dict[str, tuple[float, float]]:
+    """Each node's (min, max) over ``batches_fn()`` (NCHW batches); with ``mse`` the star
+    products and sums are then narrowed to their int8-error minimum (a second pass)."""
+    from .calibrate import node_ranges
+    from .ptq import mse_ranges, range_nodes
+
+    ranges = node_ranges(gm, batches_fn())
+    return mse_ranges(gm, batches_fn(), ranges, range_nodes(gm)) if mse else ranges
 
 
 def _send_ranges(job, ranges, sample: np.ndarray, notes: list[str], ranges_file: Path, *,
@@ -382,6 +436,46 @@ def _layer_errors(run: RunDir, folded, paths: dict, folder, pre) -> list[dict] |
     return layer_errors(paths["int8"], gm, pairs, images, chunk=batch_size_for(pre.img_size))
 
 
+def _float_fallback(config: QuantizeConfig, int8_path: Path, calibrated: Path, rows: list[dict],
+                    reference: np.ndarray, pre, folder, metadata: dict, run: RunDir, rec: dict):
+    """Re-quantize with the worst tensors of the error table kept float (1, 2, 4, ... of them,
+    worst own SQNR first, ending with all) until the top-1 drop is within ``max_drop``; on success the INT8
+    artifact is replaced and its evaluation returned, with the size and latency it cost in
+    ``rec``. Returns None (the artifact untouched) when no tried set is enough."""
+    from .convert import Requantizer
+    from .rundir import atomic_write_bytes
+    from .runtime import compare_latency
+    from .tflite_file import add_metadata, float_region
+
+    ref_top1 = float((reference.argmax(1) == np.array([y for _, y in folder.samples])).mean())
+    candidates = [r["tensor"] for r in rows]
+    rec["tried"] = []
+    trial = calibrated.with_name("fallback.tflite")
+    with Requantizer(calibrated, config.io_type, run.path("convert.log")) as requantize:
+        counts = [2 ** i for i in range(len(candidates).bit_length()) if 2 ** i < len(candidates)]
+        for count in counts + [len(candidates)]:
+            keep = candidates[:count]
+            model = requantize(float_region(calibrated, keep))
+            trial.write_bytes(add_metadata(model, {**metadata, "float_tensors": keep}))
+            stats = _evaluate_tflite({"int8": trial}, reference, {}, pre, folder, None)["tflite_int8"]
+            drop = (ref_top1 - stats["top1"]) * 100.0
+            rec["tried"].append({"float_tensors": len(keep), "top1": stats["top1"], "drop_pt": drop,
+                                 "agreement": stats["agreement_top1"],
+                                 "logit_sqnr_db": stats["logit_sqnr_db"]})
+            if drop <= config.max_drop:
+                break
+    if drop > config.max_drop:
+        return None
+    before, after = int8_path.stat().st_size, trial.stat().st_size
+    latency = compare_latency({"int8": int8_path, "fallback": trial})
+    rec["float_tensors"] = [next(r["where"] for r in rows if r["tensor"] == t) for t in keep]
+    rec["bytes"] = {"int8": before, "fallback": after, "ratio": after / before}
+    rec["latency_ms"] = {**latency, "ratio": latency["fallback"] / latency["int8"],
+                         "how": "median of 30 interleaved single-image runs, XNNPACK, 1 thread"}
+    atomic_write_bytes(int8_path, trial.read_bytes())
+    return stats
+
+
 def check_deployable(paths: dict) -> None:
     """Refuse graphs an edge runtime cannot run as built: Flex ops anywhere; in the INT8 model,
     float compute inside the graph or an op TFLite Micro has no int8 kernel for."""
@@ -417,6 +511,10 @@ def _check_config(config: QuantizeConfig) -> None:
         raise InputError(f"unknown target {config.target!r}; choose one of {', '.join(TARGETS)}")
     if config.calibrator not in CALIBRATORS:
         raise InputError(f"unknown calibrator {config.calibrator!r}; choose one of {', '.join(CALIBRATORS)}")
+    techniques = ptq_techniques(config)
+    if "mse-ranges" in techniques and config.calibrator != "edgestar":
+        raise InputError("--ptq mse-ranges sets ranges edgestar measures; it cannot be combined "
+                         "with --calibrator tflite")
     if config.calib_samples < 1:
         raise InputError(f"--calib-samples must be at least 1, got {config.calib_samples}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not config.qat:
@@ -426,14 +524,29 @@ def _check_config(config: QuantizeConfig) -> None:
         if source != "demo" and (Path(source).suffix.lower() == ".npy" or not Path(source).is_dir()):
             raise InputError(f"--qat trains on a folder of images; {source} is not one (pass --train DIR)")
         _qat_options(config).validate()
+    if config.fallback not in FALLBACKS:
+        raise InputError(f"unknown fallback {config.fallback!r}; choose one of {', '.join(FALLBACKS)}")
+    if config.fallback != "none" and config.max_drop is None:
+        raise InputError("--fallback needs --max-drop: it keeps tensors in float until the drop is within it")
     if config.max_drop is not None and config.max_drop < 0:
         raise InputError(f"--max-drop must be >= 0, got {config.max_drop}")
+
+
+def ptq_techniques(config: QuantizeConfig) -> tuple[str, ...]:
+    """The :mod:`edgestar.ptq` techniques this run applies: ``config.ptq``, or by default
+    DEFAULT_PTQ (without mse-ranges under TFLite's calibrator, which sets its own ranges)."""
+    from .ptq import parse_techniques
+
+    if config.ptq is not None:
+        return parse_techniques(config.ptq)
+    return tuple(t for t in DEFAULT_PTQ if config.calibrator == "edgestar" or t != "mse-ranges")
 
 
 def _config_dict(config: QuantizeConfig) -> dict:
     d = {k: getattr(config, k) for k in config.__dataclass_fields__}
     d["out"] = str(d["out"]) if d["out"] else None
     d["formats"] = list(d["formats"])
+    d["ptq"] = list(d["ptq"]) if isinstance(d["ptq"], (tuple, list)) else d["ptq"]
     return d
 
 
@@ -522,21 +635,54 @@ def _qat_follower(config: QuantizeConfig) -> None:
     model, ckpt = build_model(config.variant, config.weights, num_classes=config.num_classes,
                               allow_pickle=config.allow_pickle)
     pre = _preprocessing(config, ckpt)
-    calib, _ = calibration_inputs(config.calib, pre, samples=config.calib_samples, seed=config.seed)
+    calib, _ = _calibration(model, pre, config, None)
+    techniques = ptq_techniques(config)
+    folded = _fold(model, calib, pre, config.target, techniques, {})
+    if "bias-correct" in techniques:
+        folded, _ = correct_biases(folded, batches(calib, batch_size_for(pre.img_size)))
+    _finetune(folded, calib, pre, config, techniques, None, None)
+
+
+def _calibration(model, pre, config: QuantizeConfig, progress_factory):
+    """The calibration inputs (NCHW float32) and their manifest entry: images from
+    ``config.calib``, or, for ``distilled``, inputs synthesized from the model's BatchNorm
+    statistics (:mod:`edgestar.distill`)."""
+    if config.calib != DISTILLED:
+        return calibration_inputs(config.calib, pre, samples=config.calib_samples,
+                                  seed=config.seed, progress_factory=progress_factory)
+    from .distill import distilled_inputs
+
+    bar = progress_factory(config.calib_samples, "distilled calibration images") if progress_factory else None
+    try:
+        return distilled_inputs(model, config.calib_samples, pre.img_size, pre.mean, pre.std,
+                                seed=config.seed, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _fold(model, calib: np.ndarray, pre, target: str, techniques, rec: dict):
+    """The model as it will be converted, exactly equal in float: BatchNorm folded, the exact
+    rescalings of ``techniques`` applied, large depthwise convs split for ``target`` cpu.
+    What was done goes into ``rec``."""
     folded = fold_batchnorms(model)
-    if config.target == "cpu":
-        folded, _ = split_large_depthwise(folded, pre.img_size)
-    _finetune(folded, calib, pre, config, None, None)
+    if set(techniques) & set(EXACT_RESCALINGS):
+        folded, rec["rescaled"] = rescale(folded, batches(calib, batch_size_for(pre.img_size)),
+                                          techniques)
+    if target == "cpu":
+        folded, rec["split_depthwise_convs"] = split_large_depthwise(folded, pre.img_size)
+    return folded
 
 
-def _finetune(folded, calib: np.ndarray, pre, config: QuantizeConfig, progress_factory, log):
+def _finetune(folded, calib: np.ndarray, pre, config: QuantizeConfig, techniques, progress_factory, log):
     """QAT of the folded model, its quantizers starting from the calibration ranges."""
-    from .calibrate import node_ranges, trace
-    from .data import batches, qat_images
+    from .calibrate import trace
+    from .data import qat_images
     from .qat import finetune
 
     images = qat_images(config.train or config.calib)
-    start = node_ranges(trace(folded), batches(calib, batch_size_for(pre.img_size)))
+    start = calibration_ranges(trace(folded), lambda: batches(calib, batch_size_for(pre.img_size)),
+                               mse="mse-ranges" in techniques)
     return finetune(folded, images, pre, start, config=_qat_options(config),
                     progress_factory=progress_factory, log=log)
 
@@ -576,10 +722,12 @@ def _metrics(engines: dict, images: int, labelled: bool) -> dict:
     """The manifest/JSON metrics from per-engine statistics.
 
     With QAT, ``torch_fp32`` is still the user's model (the drop and agreement are measured
-    against it); FP32 parity is against the fine-tuned float model that was exported, and
-    ``qat_sim_agreement`` is the INT8 model's top-1 agreement with the QAT simulation.
+    against it); FP32 parity is against the fine-tuned float model that was exported (or the
+    bias-corrected one, ``torch_exported_fp32``), and ``qat_sim_agreement`` is the INT8
+    model's top-1 agreement with the QAT simulation.
     """
     qat = "torch_qat_fp32" in engines
+    exported = next((k for k in ("torch_qat_fp32", "torch_exported_fp32") if k in engines), None)
     metrics: dict = {}
     for name, stats in engines.items():
         metrics[name] = ({"top1": stats["top1"], "top5": stats["top5"]} if labelled
@@ -587,11 +735,13 @@ def _metrics(engines: dict, images: int, labelled: bool) -> dict:
         if name != "torch_fp32":
             metrics[name]["agreement"] = stats["agreement_top1"]
             metrics[name]["max_abs_logit_diff"] = stats["max_abs_logit_diff"]
+            metrics[name]["logit_sqnr_db"] = stats["logit_sqnr_db"]
     int8, ref = engines["tflite_int8"], engines["torch_fp32"]
     metrics["int8_top1_drop_pt"] = (ref["top1"] - int8["top1"]) * 100.0 if labelled else None
     metrics["int8_agreement"] = int8["agreement_top1"]
+    metrics["int8_logit_sqnr_db"] = int8["logit_sqnr_db"]
     fp32 = engines["tflite_fp32"]
-    metrics["fp32_parity_max_abs"] = (fp32["vs"]["torch_qat_fp32"]["max_abs_logit_diff"] if qat
+    metrics["fp32_parity_max_abs"] = (fp32["vs"][exported]["max_abs_logit_diff"] if exported
                                       else fp32["max_abs_logit_diff"])
     if qat:
         metrics["qat_sim_agreement"] = int8["vs"]["torch_qat_int8sim"]["agreement_top1"]

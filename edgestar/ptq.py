@@ -50,8 +50,8 @@ TECHNIQUES = {
 EXACT = ("scale-star", "scale-dw", "scale-g")
 MIN_CHANNEL_RANGE = 1e-2  # channels narrower than this fraction of the widest are not blown up
 MAX_FACTOR = 64.0  # largest rescaling factor either way
-MSE_BINS = 2048
-MSE_CANDIDATES = np.linspace(0.25, 1.0, 61)  # fractions of the min/max range tried
+MSE_BINS = 4096
+MSE_CANDIDATES = np.geomspace(0.02, 1.0, 100)  # fractions of the min/max range tried
 
 
 def parse_techniques(spec: str | tuple | list | None) -> tuple[str, ...]:
@@ -279,8 +279,10 @@ def mse_ranges(gm, batches, ranges: dict[str, tuple[float, float]], nodes: list[
 
 
 def best_clip(hist: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
-    """The ``(lo, hi) * f`` (f in MSE_CANDIDATES) with the least int8 quantization error of
-    values distributed as ``hist`` over [lo, hi], under TFLite's scale/zero-point rule."""
+    """The ``(lo, hi) * f`` (f in MSE_CANDIDATES) with the least expected int8 quantization
+    error for values distributed as ``hist`` over [lo, hi], under TFLite's scale/zero-point
+    rule: rounding costs ``scale^2 / 12`` per value inside the representable range (values
+    spread evenly within a step), clipping ``(v - bound)^2`` per value outside it."""
     from .qat import tflite_qparams
 
     edges = np.linspace(lo, hi, len(hist) + 1)
@@ -289,8 +291,10 @@ def best_clip(hist: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
     for f in MSE_CANDIDATES:
         c_lo, c_hi = lo * f, hi * f
         s, z = (float(v) for v in tflite_qparams(torch.tensor(c_lo), torch.tensor(c_hi)))
-        q = np.clip(np.round(centers / s) + z, -128, 127)
-        err = float((np.square((q - z) * s - centers) * hist).sum())
+        low, high = (-128 - z) * s, (127 - z) * s  # what the int8 grid can represent
+        clipped = np.square(np.maximum(centers - high, 0) + np.maximum(low - centers, 0))
+        inside = hist[(centers >= low) & (centers <= high)].sum()
+        err = float((clipped * hist).sum() + inside * s * s / 12)
         if err < best_err:
             best, best_err = (float(c_lo), float(c_hi)), err
     return best

@@ -80,6 +80,26 @@ class TFLiteRunner:
         return dequantize(interp.get_tensor(self.out["index"]), self.out)
 
 
+def compare_latency(paths: dict, *, runs: int = 30, warmup: int = 3, num_threads: int = 1) -> dict:
+    """Median milliseconds per single-image inference of each ``.tflite`` (name -> path) on
+    LiteRT's default CPU path (XNNPACK), measured interleaved (A, B, A, B, ...) so that
+    machine noise hits every model alike. For side-by-side ratios on this machine, not for
+    a device's absolute latency."""
+    import time
+
+    runners = {name: TFLiteRunner(path, num_threads=num_threads) for name, path in paths.items()}
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for i in range(warmup + runs):
+        for name, runner in runners.items():
+            x = np.zeros(runner.inp["shape"], runner.inp["dtype"])
+            t0 = time.perf_counter()
+            runner.interpreter.set_tensor(runner.inp["index"], x)
+            runner.interpreter.invoke()
+            if i >= warmup:
+                times[name].append((time.perf_counter() - t0) * 1000.0)
+    return {name: round(float(np.median(t)), 4) for name, t in times.items()}
+
+
 def quantize(x: np.ndarray, detail: dict) -> np.ndarray:
     dtype = detail["dtype"]
     if dtype == np.float32:

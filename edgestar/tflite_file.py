@@ -82,6 +82,23 @@ def grouped_convs(model) -> int:
         for name, op in ops if name == "CONV_2D")
 
 
+def float_region(model: bytes | str | Path, names: list[str]) -> list[str]:
+    """What to hand the quantizer (``denylisted_nodes``: ops named by their output tensor)
+    so that the tensors ``names`` stay float: the ops writing them and every op reading
+    them. Keeping only the writer float would not help: its output would be quantized
+    again, to the same int8 grid, for its int8 readers."""
+    _, graph, ops = _operators(model)
+    all_names = tensor_names(model)
+    wanted = {i for i, n in enumerate(all_names) if n in set(names)}
+    region: list[str] = []
+    for _, op in ops:
+        inputs = {op.Inputs(j) for j in range(op.InputsLength())}
+        outputs = [op.Outputs(j) for j in range(op.OutputsLength())]
+        if wanted & (inputs | set(outputs)):
+            region += [all_names[t] for t in outputs if all_names[t] not in region]
+    return region
+
+
 def tensor_names(model: bytes | str | Path) -> list[str]:
     """Names of subgraph 0's tensors, by index (activation names survive quantization)."""
     graph = _schema().Model.GetRootAs(_read(model), 0).Subgraphs(0)

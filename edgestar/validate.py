@@ -19,6 +19,8 @@ class EngineStats:
     correct5: int = 0
     agree: int = 0
     max_abs_diff: float = 0.0
+    signal: float = 0.0  # sum of squared reference logits
+    noise: float = 0.0  # sum of squared logit differences
     count: int = 0
 
     def update(self, logits: np.ndarray, labels: np.ndarray, ref: np.ndarray, k: int) -> None:
@@ -26,8 +28,10 @@ class EngineStats:
         self.correct1 += int((top[:, 0] == labels).sum())
         self.correct5 += int((top == labels[:, None]).any(axis=1).sum())
         self.agree += int((logits.argmax(1) == ref.argmax(1)).sum())
-        diff = np.abs(logits.astype(np.float64) - ref.astype(np.float64)).max()
-        self.max_abs_diff = max(self.max_abs_diff, float(diff))
+        diff = logits.astype(np.float64) - ref.astype(np.float64)
+        self.max_abs_diff = max(self.max_abs_diff, float(np.abs(diff).max()))
+        self.signal += float(np.square(ref.astype(np.float64)).sum())
+        self.noise += float(np.square(diff).sum())
         self.count += len(labels)
 
     def summary(self) -> dict:
@@ -35,7 +39,14 @@ class EngineStats:
         # With fewer than 5 classes "top5" is top-k over all classes (always 1.0).
         return {"top1": self.correct1 / n, "top5": self.correct5 / n,
                 "agreement_top1": self.agree / n, "max_abs_logit_diff": self.max_abs_diff,
-                "images": self.count}
+                "logit_sqnr_db": self.sqnr_db(), "images": self.count}
+
+    def sqnr_db(self) -> float | None:
+        """Reference logits' power over the difference's, in dB; None when identical (the
+        INT8 models' single most sensitive quality number: it moves before top-1 does)."""
+        if self.noise == 0.0:
+            return None
+        return round(10.0 * np.log10(max(self.signal, 1e-30) / self.noise), 3)
 
 
 @dataclass
@@ -92,5 +103,6 @@ def evaluate(runners: dict, folder: ImageFolder, pre: Preprocessing, *, referenc
     for (name, other), s in versus.items():
         summary = s.summary()
         engines[name].setdefault("vs", {})[other] = {
-            "agreement_top1": summary["agreement_top1"], "max_abs_logit_diff": summary["max_abs_logit_diff"]}
+            "agreement_top1": summary["agreement_top1"], "max_abs_logit_diff": summary["max_abs_logit_diff"],
+            "logit_sqnr_db": summary["logit_sqnr_db"]}
     return EvaluationResult(engines, len(folder.samples))

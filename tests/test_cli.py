@@ -84,6 +84,19 @@ def test_bad_qat_options(tmp_path, args, fragment):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("args,fragment", [
+    (["--ptq", "scale-star,bogus"], "'bogus'"),
+    (["--ptq", "mse-ranges", "--calibrator", "tflite"], "--calibrator tflite"),
+    (["--fallback", "float"], "--fallback needs --max-drop"),
+    (["--fallback", "int4", "--max-drop", "1"], "int4"),
+    (["--calib", "distilled", "--qat"], "pass --train DIR"),
+])
+def test_bad_ptq_fallback_and_distilled_options(tmp_path, args, fragment):
+    result = quantize(tmp_path, "--variant", "s050", "--weights", "none", *args)
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_checkpoint(tmp_path):
     assert_one_line_error(quantize(tmp_path, "--variant", "s050", "--weights", tmp_path / "no.pt"),
                           "does not exist")

@@ -308,3 +308,49 @@ def test_qat_deploys_as_trained(offline_env, trained_s050, tmp_path):
     m = manifest["metrics"]
     assert m["qat_sim_agreement"] >= 0.99, m
     assert m["fp32_parity_max_abs"] <= 1e-4
+
+
+@pytest.mark.skipif(not DEMO_WEIGHTS.exists(), reason="demo weights not in this checkout")
+def test_float_fallback_meets_max_drop(offline_env, tmp_path):
+    """Calibrated on one image, the demo model loses several points in INT8; --fallback float
+    keeps the worst tensors float (1, 2, 4, ...) until the drop is within --max-drop."""
+    from edgestar.tflite_file import float_ops_inside, read_metadata
+
+    env, _ = offline_env
+    run = tmp_path / "run"
+    res = edgestar(env, "quantize", "--variant", "s1", "--weights", "demo", "--calib-samples", 1,
+                   "--eval-samples", 200, "--max-drop", 1, "--fallback", "float", "--out", run,
+                   "--json", "-q")
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads((run / "manifest.json").read_text())
+    pure = manifest["stages"]["validate"]["engines"]
+    assert (pure["torch_fp32"]["top1"] - pure["tflite_int8"]["top1"]) * 100 > 1  # why it ran
+    tried = manifest["stages"]["fallback"]["tried"]
+    assert [t["float_tensors"] for t in tried] == [2 ** i for i in range(len(tried))]
+    assert all(t["drop_pt"] > 1 for t in tried[:-1]) and tried[-1]["drop_pt"] <= 1
+    assert manifest["gate"]["passed"] and manifest["status"] == "ok"
+    m = manifest["metrics"]
+    assert m["int8_top1_drop_pt"] == pytest.approx(tried[-1]["drop_pt"])
+    fallback = m["fallback"]
+    assert len(fallback["float_tensors"]) == tried[-1]["float_tensors"]
+    assert fallback["bytes"]["ratio"] > 1 and fallback["latency_ms"]["fallback"] > 0
+    int8 = run / manifest["artifacts"]["tflite_int8"]["path"]
+    assert int8.stat().st_size == fallback["bytes"]["fallback"]
+    assert "MUL" in float_ops_inside(int8)  # the star products it kept float
+    assert len(read_metadata(int8)["float_tensors"]) == len(fallback["float_tensors"])
+
+
+def test_distilled_calibration_needs_no_images(offline_env, trained_s050, tmp_path):
+    env, _ = offline_env
+    run = tmp_path / "run"
+    res = edgestar(env, "quantize", "--variant", "s050", "--weights", trained_s050, "--calib",
+                   "distilled", "--calib-samples", 32, "--eval-samples", 200, "--out", run,
+                   "--json", "-q")
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads((run / "manifest.json").read_text())
+    calib = manifest["inputs"]["calibration"]
+    assert calib["kind"] == "distilled" and calib["count"] == 32
+    assert calib["bn_loss"] < 0.5 * calib["initial_bn_loss"]
+    m = manifest["metrics"]
+    assert m["fp32_parity_max_abs"] <= 1e-4
+    assert m["int8_agreement"] >= 0.6  # a usable INT8 model without a single real image
