@@ -158,7 +158,7 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
 @click.option("--ptq", default=None, metavar="all|none|LIST",
               help="Post-training techniques beyond min/max calibration, comma-separated: "
                    "scale-star, scale-dw, scale-g (exact rescalings), bias-correct, mse-ranges "
-                   "[default: scale-star,mse-ranges].")
+                   "[default: none, plain min/max; see bench/RESULTS.md].")
 @click.option("--eval", "eval_", default=None, metavar="DIR|demo",
               help="Labelled evaluation folder (one sub-folder per class) [default: the demo set].")
 @click.option("--eval-samples", type=click.IntRange(min=1), default=None,

@@ -52,7 +52,7 @@ CALIBRATORS = {
     "tflite": "TFLite's own calibrator on the FP32 .tflite (single-threaded reference kernels)",
 }
 
-DEFAULT_PTQ = ("scale-star", "mse-ranges")  # what the ablation in bench/RESULTS.md supports
+DEFAULT_PTQ: tuple[str, ...] = ()  # plain min/max: the ablation in bench/RESULTS.md found no top-1 gain
 
 FALLBACKS = {
     "none": "a drop beyond --max-drop fails the run",

@@ -252,7 +252,7 @@ def test_float_io_and_other_resolution(offline_env, tmp_path):
     assert ops["QUANTIZE"] == 1 and ops["DEQUANTIZE"] == 1
     # s100: depths 1,2,4,1; at 64 px only the first stage's maps (16x16) get split convs
     assert_deployment_graph(report["artifacts"]["tflite_int8"], blocks=8, split=2)
-    assert set(report["artifacts"]) == {"onnx", "tflite_fp32", "tflite_int8"}
+    assert set(report["artifacts"]) == {"onnx", "tflite_fp32", "tflite_int8", "layer_errors"}
 
 
 DEMO_WEIGHTS = Path(__file__).resolve().parent.parent / "edgestar" / "weights" / "starnet_s1_cifar10_demo.pt"
