@@ -1,5 +1,9 @@
 """``quantize``: checkpoint -> folded model -> ONNX -> TFLite FP32/INT8 -> validated run directory.
 
+Stages: load, evaluation_data, calibration_data (images, or inputs distilled from BatchNorm
+statistics), fold (plus the exact PTQ rescalings of :mod:`edgestar.ptq`), bias_correction and
+qat when asked, export, convert, validate, diagnose (the per-tensor INT8 error table of
+:mod:`edgestar.diagnose`) and, when ``max_drop`` fails with ``fallback="float"``, fallback.
 Stages run in order and each records its status, timing and measurements in the run's
 ``manifest.json``. The accuracy gate (``max_drop``) is part of the API: the report is always
 written, and ``QuantizeResult.passed`` says whether the gate held.
@@ -318,23 +322,9 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
 
     passed = True
     if config.max_drop is not None:
-        drop = m["metrics"].get("int8_top1_drop_pt")
-        if drop is not None and drop > config.max_drop and config.fallback == "float" and rows:
-            with run.stage("fallback") as rec:
-                found = _float_fallback(config, paths["int8"], calibrated, rows, reference, pre,
-                                        folder, {**tflite_meta, "format": "int8",
-                                                 "io_type": config.io_type}, run, rec)
-            if found is not None:
-                engines = {**engines, "tflite_int8": found}  # the validate record keeps pure INT8
-                m["metrics"].update(_metrics(engines, len(folder), labelled))
-                m["metrics"]["fallback"] = {k: rec[k] for k in ("float_tensors", "bytes", "latency_ms")}
-                run.add_artifact("tflite_int8", paths["int8"], io_type=config.io_type)
-                drop = m["metrics"]["int8_top1_drop_pt"]
-                notes.append(f"--fallback float kept {len(rec['float_tensors'])} tensors in float to "
-                             f"meet --max-drop: INT8 size x{rec['bytes']['ratio']:.3f}, latency "
-                             f"x{rec['latency_ms']['ratio']:.2f} on this machine")
-        passed = drop is not None and drop <= config.max_drop
-        m["gate"] = {"max_drop_pt": config.max_drop, "int8_top1_drop_pt": drop, "passed": passed}
+        passed = _gate(config, m, engines, rows, paths, calibrated, reference, pre, folder,
+                       labelled, {**tflite_meta, "format": "int8", "io_type": config.io_type},
+                       run, notes)
     m["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
     m["peak_rss_mb"] = peak_rss_mb()
     m["notes"] = notes
@@ -434,6 +424,33 @@ def _layer_errors(run: RunDir, folded, paths: dict, folder, pre) -> list[dict] |
         names = tensor_names(paths["fp32"])
         pairs = {names[t]: node for t, node in by_index.items()}
     return layer_errors(paths["int8"], gm, pairs, images, chunk=batch_size_for(pre.img_size))
+
+
+def _gate(config: QuantizeConfig, m: dict, engines: dict, rows, paths: dict, calibrated: Path,
+          reference: np.ndarray, pre, folder, labelled: bool, metadata: dict, run: RunDir,
+          notes: list[str]) -> bool:
+    """The ``max_drop`` gate, recorded in the manifest; with ``fallback`` float, a drop beyond
+    it first tries keeping the worst tensors float (:func:`_float_fallback`)."""
+    drop = m["metrics"].get("int8_top1_drop_pt")
+    if drop is not None and drop > config.max_drop and config.fallback == "float" and rows:
+        with run.stage("fallback") as rec:
+            found = _float_fallback(config, paths["int8"], calibrated, rows, reference, pre,
+                                    folder, metadata, run, rec)
+        if found is not None:
+            engines = {**engines, "tflite_int8": found}  # the validate record keeps pure INT8
+            m["metrics"].update(_metrics(engines, len(folder), labelled))
+            m["metrics"]["fallback"] = {k: rec[k] for k in ("float_tensors", "bytes", "latency_ms")}
+            run.add_artifact("tflite_int8", paths["int8"], io_type=config.io_type)
+            drop = m["metrics"]["int8_top1_drop_pt"]
+            notes.append(f"--fallback float kept {len(rec['float_tensors'])} tensor(s) in float to "
+                         f"meet --max-drop: INT8 size x{rec['bytes']['ratio']:.3f}, latency "
+                         f"x{rec['latency_ms']['ratio']:.2f} on this machine")
+        else:
+            notes.append("--fallback float could not meet --max-drop even with every tensor "
+                         "float; the INT8 model is left all-integer")
+    passed = drop is not None and drop <= config.max_drop
+    m["gate"] = {"max_drop_pt": config.max_drop, "int8_top1_drop_pt": drop, "passed": passed}
+    return passed
 
 
 def _float_fallback(config: QuantizeConfig, int8_path: Path, calibrated: Path, rows: list[dict],
