@@ -67,14 +67,10 @@ class Conversion:
         self.outputs: dict[str, Path] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="edgestar-convert-")
         self.work = Path(self._tmp.name)
-        env = dict(os.environ)
-        # onnx2tf runs onnxsim from PATH; make sure our interpreter's scripts are found first.
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        env["CUDA_VISIBLE_DEVICES"] = "-1"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "edgestar.convert", "--serve", str(self.work)],
-                                     cwd=self.work, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+                                     cwd=self.work, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=_worker_env())
 
     def submit(self, onnx_path: Path, outputs: dict[str, Path], *, calibration: np.ndarray,
                io_type: str, metadata: dict, mean, std,
@@ -184,11 +180,10 @@ class Requantizer:
         self.work = Path(self._tmp.name)
         self._count = 0
         self._log = open(log_path, "ab")
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1")
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgestar.convert", "--requantize", str(calibrated), io_type],
-            cwd=self.work, stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+            cwd=self.work, stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT,
+            env=_worker_env())
 
     def __call__(self, keep_float: list[str]) -> bytes:
         """The INT8 model with the ops writing ``keep_float`` (tensor names) in float."""
@@ -221,6 +216,15 @@ class Requantizer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _worker_env() -> dict:
+    """Environment of a TensorFlow subprocess: CPU only, quiet, our interpreter's scripts
+    first on PATH (onnx2tf runs onnxsim from PATH)."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
 
 
 def _requantize_server(calibrated: str, io_type: str) -> int:

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DIAGNOSE_IMAGES = 32  # evaluation images the table is measured on (spread over the set)
+DIAGNOSE_PIXELS = 32 * 64 * 64  # input pixels the table is measured on: 32 images up to 64 px
+DIAGNOSE_MIN_IMAGES = 4  # ... and never fewer images than this (at 224 px: 4, ~5x less time)
 LAYER_ERRORS_FILE = "layer_errors.json"
 
 
@@ -34,12 +35,6 @@ class _Acc:
     clipped: int = 0
     count: int = 0
     view: int | None = None  # which NHWC view of the PyTorch value TFLite holds (see calibrate)
-
-    def db(self, err: float) -> float | None:
-        """SQNR in dB, None when there is no error at all."""
-        if err == 0.0:
-            return None
-        return round(10.0 * math.log10(max(self.signal, 1e-30) / err), 2)
 
 
 def layer_errors(int8_model, gm, pairs: dict[str, str], images: np.ndarray, *,
@@ -57,6 +52,7 @@ def layer_errors(int8_model, gm, pairs: dict[str, str], images: np.ndarray, *,
     from .calibrate import _as_nhwc_views, _interpreter
     from .runtime import quantize
     from .tflite_file import _operators
+    from .validate import sqnr_db
 
     interp = _interpreter_keeping_tensors(int8_model)
     details = {d["name"]: d for d in interp.get_tensor_details()}
@@ -84,18 +80,18 @@ def layer_errors(int8_model, gm, pairs: dict[str, str], images: np.ndarray, *,
         def compare(node, value):
             for name in by_node.get(node, ()):
                 _, scale, zero = grid[name]
-                deq = (np.concatenate(held.pop(name)).astype(np.float64) - zero) * scale
+                deq = (np.concatenate(held.pop(name)).astype(np.float32) - zero) * np.float32(scale)
                 a = acc[name]
                 views = _as_nhwc_views(value.numpy())
                 if a.view is None:  # the orientation that matches, decided on the first chunk
                     a.view = min((k for k, v in enumerate(views) if v.shape == deq.shape),
                                  key=lambda k: float(np.abs(views[k] - deq).max()))
-                ref = views[a.view].astype(np.float64)
-                q = np.round(ref / scale) + zero
-                own = (np.clip(q, -128, 127) - zero) * scale
-                a.signal += float(np.square(ref).sum())
-                a.error += float(np.square(deq - ref).sum())
-                a.own_error += float(np.square(own - ref).sum())
+                ref = views[a.view]
+                q = np.round(ref / np.float32(scale)) + zero
+                own = (np.clip(q, -128, 127) - zero) * np.float32(scale)
+                a.signal += _sum_of_squares(ref)
+                a.error += _sum_of_squares(deq - ref)
+                a.own_error += _sum_of_squares(own - ref)
                 a.clipped += int(((q < -128) | (q > 127)).sum())
                 a.count += ref.size
 
@@ -112,10 +108,20 @@ def layer_errors(int8_model, gm, pairs: dict[str, str], images: np.ndarray, *,
                      "op": producer.get(index, "input"),
                      "shape": [int(s) for s in details[name]["shape"]],
                      "scale": float(scale), "zero_point": int(zero),
-                     "own_sqnr_db": a.db(a.own_error), "sqnr_db": a.db(a.error),
+                     "own_sqnr_db": sqnr_db(a.signal, a.own_error), "sqnr_db": sqnr_db(a.signal, a.error),
                      "clipped": a.clipped / a.count})
     rows.sort(key=lambda r: (_or_inf(r["own_sqnr_db"]), _or_inf(r["sqnr_db"])))
     return rows
+
+
+def diagnose_images(img_size: int) -> int:
+    """How many evaluation images the table uses at this resolution (a pixel budget: the
+    statistics need pixels, not images, and the cost grows with both)."""
+    return max(DIAGNOSE_MIN_IMAGES, min(32, DIAGNOSE_PIXELS // (img_size * img_size)))
+
+
+def _sum_of_squares(x: np.ndarray) -> float:
+    return float(np.square(x, dtype=np.float32).sum(dtype=np.float64))
 
 
 def spread(samples: list, n: int) -> list:

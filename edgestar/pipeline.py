@@ -27,7 +27,7 @@ import numpy as np
 from . import __version__
 from .checkpoints import build_model, sha256_file
 from .data import Preprocessing, batches, calibration_inputs, evaluation_set, read_batches
-from .diagnose import DIAGNOSE_IMAGES, LAYER_ERRORS_FILE, layer_errors, spread
+from .diagnose import LAYER_ERRORS_FILE, diagnose_images, layer_errors, spread
 from .errors import InputError, StageError
 from .export import export_onnx, max_abs_diff, onnx_op_counts
 from .memory import peak_rss_mb, release_freed_memory
@@ -313,7 +313,7 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
             rec["skipped"] = "some TFLite tensors have no PyTorch counterpart"
         else:
             atomic_write_json(run.path(LAYER_ERRORS_FILE), {
-                "images": min(DIAGNOSE_IMAGES, len(folder)), "sorted_by": "own_sqnr_db",
+                "images": min(diagnose_images(pre.img_size), len(folder)), "sorted_by": "own_sqnr_db",
                 "tensors": rows})
             run.add_artifact("layer_errors", run.path(LAYER_ERRORS_FILE))
             rec["tensors"] = len(rows)
@@ -411,7 +411,7 @@ def _layer_errors(run: RunDir, folded, paths: dict, folder, pre) -> list[dict] |
     from .tflite_file import tensor_names
 
     gm = trace(folded)
-    images = load_batch([p for p, _ in spread(folder.samples, DIAGNOSE_IMAGES)], pre)
+    images = load_batch([p for p, _ in spread(folder.samples, diagnose_images(pre.img_size))], pre)
     ranges_file = run.path(RANGES_FILE)
     if ranges_file.exists():
         table = json.loads(ranges_file.read_text())["tensors"]
@@ -434,8 +434,8 @@ def _gate(config: QuantizeConfig, m: dict, engines: dict, rows, paths: dict, cal
     drop = m["metrics"].get("int8_top1_drop_pt")
     if drop is not None and drop > config.max_drop and config.fallback == "float" and rows:
         with run.stage("fallback") as rec:
-            found = _float_fallback(config, paths["int8"], calibrated, rows, reference, pre,
-                                    folder, metadata, run, rec)
+            found = _float_fallback(config, paths["int8"], calibrated, rows, reference,
+                                    engines["torch_fp32"]["top1"], pre, folder, metadata, run, rec)
         if found is not None:
             engines = {**engines, "tflite_int8": found}  # the validate record keeps pure INT8
             m["metrics"].update(_metrics(engines, len(folder), labelled))
@@ -454,7 +454,8 @@ def _gate(config: QuantizeConfig, m: dict, engines: dict, rows, paths: dict, cal
 
 
 def _float_fallback(config: QuantizeConfig, int8_path: Path, calibrated: Path, rows: list[dict],
-                    reference: np.ndarray, pre, folder, metadata: dict, run: RunDir, rec: dict):
+                    reference: np.ndarray, ref_top1: float, pre, folder, metadata: dict,
+                    run: RunDir, rec: dict):
     """Re-quantize with the worst tensors of the error table kept float (1, 2, 4, ... of them,
     worst own SQNR first, ending with all) until the top-1 drop is within ``max_drop``; on success the INT8
     artifact is replaced and its evaluation returned, with the size and latency it cost in
@@ -464,7 +465,6 @@ def _float_fallback(config: QuantizeConfig, int8_path: Path, calibrated: Path, r
     from .runtime import compare_latency
     from .tflite_file import add_metadata, float_region
 
-    ref_top1 = float((reference.argmax(1) == np.array([y for _, y in folder.samples])).mean())
     candidates = [r["tensor"] for r in rows]
     rec["tried"] = []
     trial = calibrated.with_name("fallback.tflite")

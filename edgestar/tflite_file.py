@@ -89,7 +89,8 @@ def float_region(model: bytes | str | Path, names: list[str]) -> list[str]:
     again, to the same int8 grid, for its int8 readers."""
     _, graph, ops = _operators(model)
     all_names = tensor_names(model)
-    wanted = {i for i, n in enumerate(all_names) if n in set(names)}
+    keep = set(names)
+    wanted = {i for i, n in enumerate(all_names) if n in keep}
     region: list[str] = []
     for _, op in ops:
         inputs = {op.Inputs(j) for j in range(op.InputsLength())}
