@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     from edgestar.pipeline import QuantizeConfig, quantize
 
     rows = ABLATION if args.table == "ablation" else methods(args.train, args.qat_steps)
-    lines = ["| method | INT8 top-1 | drop (pt) | agreement | logit SQNR | worst tensor own SQNR | INT8 bytes |",
+    lines = ["| method | INT8 top-1 | drop, pt (95 % interval) | agreement | logit SQNR | worst tensor own SQNR | INT8 bytes |",
              "|---|---|---|---|---|---|---|"]
     for i, (label, options) in enumerate(rows):
         out = args.work / f"{args.table}-{i}"
@@ -70,9 +70,10 @@ def main(argv=None) -> int:
         worst = json.loads(errors.read_text())["tensors"][0] if errors.exists() else None
         worst_text = f"{worst['own_sqnr_db']:.1f} dB ({worst['where']})" if worst else "-"
         size = (out / result.manifest["artifacts"]["tflite_int8"]["path"]).stat().st_size
-        drop = m["int8_top1_drop_pt"]
+        drop, ci = m["int8_top1_drop_pt"], m["int8_top1_drop_ci95_pt"]
         lines.append(f"| {label} | {_pct(m['tflite_int8']['top1'])} | "
-                     f"{'-' if drop is None else f'{drop:.2f}'} | {_pct(m['int8_agreement'])} | "
+                     f"{'-' if drop is None else f'{drop:.2f} ({ci[0]:+.2f} to {ci[1]:+.2f})'} | "
+                     f"{_pct(m['int8_agreement'])} | "
                      f"{m['int8_logit_sqnr_db']:.2f} dB | {worst_text} | "
                      f"{size:,} |")
         print(lines[-1], file=sys.stderr, flush=True)

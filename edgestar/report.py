@@ -30,6 +30,10 @@ def summary_table(manifest: dict, out=None) -> str:
     if parity is not None:
         foot += f"; FP32 TFLite vs PyTorch max |dlogit| {parity:.2e}"
     tail = [foot]
+    drop_ci, agree_ci = metrics.get("int8_top1_drop_ci95_pt"), metrics.get("int8_agreement_ci95")
+    if agree_ci:  # what these evaluation images can resolve
+        tail.append("INT8 95 % intervals: " + (f"drop {drop_ci[0]:+.2f} to {drop_ci[1]:+.2f} pt, " if drop_ci else "")
+                    + f"agreement {_pct(agree_ci[0])} to {_pct(agree_ci[1])}")
     worst = metrics.get("worst_int8_tensors")
     if worst:
         tail += ["", "INT8 tensors with the most quantization error (layer_errors.json has all):"]

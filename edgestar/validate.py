@@ -22,6 +22,8 @@ class EngineStats:
     max_abs_diff: float = 0.0
     signal: float = 0.0  # sum of squared reference logits
     noise: float = 0.0  # sum of squared logit differences
+    lost: int = 0  # images the reference classifies right and this engine wrong
+    gained: int = 0  # and the other way round
     count: int = 0
 
     def update(self, logits: np.ndarray, labels: np.ndarray, ref: np.ndarray, k: int) -> None:
@@ -29,6 +31,9 @@ class EngineStats:
         self.correct1 += int((top[:, 0] == labels).sum())
         self.correct5 += int((top == labels[:, None]).any(axis=1).sum())
         self.agree += int((logits.argmax(1) == ref.argmax(1)).sum())
+        right, ref_right = top[:, 0] == labels, ref.argmax(1) == labels
+        self.lost += int((ref_right & ~right).sum())
+        self.gained += int((right & ~ref_right).sum())
         diff = logits.astype(np.float64) - ref.astype(np.float64)
         self.max_abs_diff = max(self.max_abs_diff, float(np.abs(diff).max()))
         self.signal += float(np.square(ref.astype(np.float64)).sum())
@@ -41,7 +46,34 @@ class EngineStats:
         return {"top1": self.correct1 / n, "top5": self.correct5 / n,
                 "agreement_top1": self.agree / n, "max_abs_logit_diff": self.max_abs_diff,
                 # the INT8 models' most sensitive quality number: it moves before top-1 does
-                "logit_sqnr_db": sqnr_db(self.signal, self.noise, 3), "images": self.count}
+                "logit_sqnr_db": sqnr_db(self.signal, self.noise, 3),
+                "lost_top1": self.lost, "gained_top1": self.gained, "images": self.count}
+
+
+Z95 = 1.959964  # two-sided 95 % normal quantile
+
+
+def proportion_interval(k: int, n: int) -> tuple[float, float]:
+    """95 % interval of a proportion ``k / n`` (Wilson score; sound near 0 and 1, where
+    agreement rates live)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p, z2 = k / n, Z95 * Z95
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def drop_interval(lost: int, gained: int, n: int) -> tuple[float, float]:
+    """95 % interval of a top-1 drop ``(lost - gained) / n`` measured on the same ``n`` images
+    (paired: only the images on which the two models differ carry information)."""
+    if n <= 0:
+        return -1.0, 1.0
+    d = (lost - gained) / n
+    var = max((lost + gained) / n - d * d, 0.0) / n
+    # With no disagreement at all the spread is not zero; use one flip as its floor.
+    half = Z95 * math.sqrt(max(var, 1.0 / (n * n)))
+    return d - half, d + half
 
 
 def sqnr_db(signal: float, noise: float, digits: int = 2) -> float | None:

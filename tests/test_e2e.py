@@ -102,6 +102,10 @@ def test_quantize_tiny_model_end_to_end(offline_env, trained_s050, tmp_path):
     assert metrics["torch_fp32"]["top1"] > 0.15  # genuinely trained: chance is 0.10
     assert abs(metrics["int8_top1_drop_pt"]
                - 100 * (metrics["torch_fp32"]["top1"] - metrics["tflite_int8"]["top1"])) < 1e-9
+    lo, hi = metrics["int8_agreement_ci95"]
+    assert lo <= metrics["int8_agreement"] <= hi and hi - lo < 0.1  # 300 images
+    lo, hi = metrics["int8_top1_drop_ci95_pt"]
+    assert lo <= metrics["int8_top1_drop_pt"] <= hi
     assert set(report["artifacts"]) == {"onnx", "tflite_fp32", "tflite_int8", "tflite_fp16",
                                         "tflite_dynamic", "layer_errors"}
 

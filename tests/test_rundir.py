@@ -58,11 +58,13 @@ def test_summary_table_from_manifest():
         "metrics": {"torch_fp32": {"top1": 0.80, "top5": 0.99},
                     "tflite_fp32": {"top1": 0.80, "agreement": 1.0},
                     "tflite_int8": {"top1": 0.795, "agreement": 0.98},
-                    "fp32_parity_max_abs": 1.5e-6, "eval_images": 1000, "eval_labelled": True},
+                    "fp32_parity_max_abs": 1.5e-6, "eval_images": 1000, "eval_labelled": True,
+                    "int8_top1_drop_ci95_pt": [-0.1, 1.1], "int8_agreement_ci95": [0.97, 0.99]},
     }
     table = summary_table(manifest, "runs/x")
     assert "tflite int8" in table and "79.50%" in table and "+0.50" in table and "98.00%" in table
     assert "1.50e-06" in table and "runs/x" in table
+    assert "drop -0.10 to +1.10 pt" in table and "agreement 97.00% to 99.00%" in table
 
 
 def test_failed_run_artifacts_are_quarantined(tmp_path):
