@@ -757,7 +757,7 @@ def _metrics(engines: dict, images: int, labelled: bool) -> dict:
     int8, ref = engines["tflite_int8"], engines["torch_fp32"]
     metrics["int8_top1_drop_pt"] = (ref["top1"] - int8["top1"]) * 100.0 if labelled else None
     metrics["int8_agreement"] = int8["agreement_top1"]
-    # 1,000 images resolve a drop to about +-0.3 pt; the intervals say how far to trust them
+    # 1,000 images resolve a drop to about +-0.5 pt; the intervals say how far to trust them
     n = int8["images"]
     metrics["int8_agreement_ci95"] = [round(v, 5) for v in proportion_interval(round(int8["agreement_top1"] * n), n)]
     metrics["int8_top1_drop_ci95_pt"] = ([round(100.0 * v, 3) for v in drop_interval(int8["lost_top1"], int8["gained_top1"], n)]
