@@ -36,7 +36,6 @@ from .models import (check_img_size, count_batchnorms, count_params, fold_batchn
 from .ptq import EXACT as EXACT_RESCALINGS, correct_biases, rescale
 from .rundir import RunDir, atomic_write_json
 from .runtime import OnnxRunner, TorchRunner
-from .validate import drop_interval, proportion_interval
 
 DEMO_CLASSES = 10
 DISTILLED = "distilled"  # --calib value: no images, inputs synthesized from BatchNorm statistics
@@ -758,10 +757,8 @@ def _metrics(engines: dict, images: int, labelled: bool) -> dict:
     metrics["int8_top1_drop_pt"] = (ref["top1"] - int8["top1"]) * 100.0 if labelled else None
     metrics["int8_agreement"] = int8["agreement_top1"]
     # 1,000 images resolve a drop to about +-0.5 pt; the intervals say how far to trust them
-    n = int8["images"]
-    metrics["int8_agreement_ci95"] = [round(v, 5) for v in proportion_interval(round(int8["agreement_top1"] * n), n)]
-    metrics["int8_top1_drop_ci95_pt"] = ([round(100.0 * v, 3) for v in drop_interval(int8["lost_top1"], int8["gained_top1"], n)]
-                                         if labelled else None)
+    metrics["int8_agreement_ci95"] = [round(v, 5) for v in int8["agreement_ci95"]]
+    metrics["int8_top1_drop_ci95_pt"] = [round(100.0 * v, 3) for v in int8["top1_drop_ci95"]] if labelled else None
     metrics["int8_logit_sqnr_db"] = int8["logit_sqnr_db"]
     fp32 = engines["tflite_fp32"]
     metrics["fp32_parity_max_abs"] = (fp32["vs"][exported]["max_abs_logit_diff"] if exported

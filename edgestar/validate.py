@@ -47,7 +47,10 @@ class EngineStats:
                 "agreement_top1": self.agree / n, "max_abs_logit_diff": self.max_abs_diff,
                 # the INT8 models' most sensitive quality number: it moves before top-1 does
                 "logit_sqnr_db": sqnr_db(self.signal, self.noise, 3),
-                "lost_top1": self.lost, "gained_top1": self.gained, "images": self.count}
+                "lost_top1": self.lost, "gained_top1": self.gained, "images": self.count,
+                # what this many images can resolve (fractions, not percent)
+                "agreement_ci95": proportion_interval(self.agree, self.count),
+                "top1_drop_ci95": drop_interval(self.lost, self.gained, self.count)}
 
 
 Z95 = 1.959964  # two-sided 95 % normal quantile
