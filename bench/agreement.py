@@ -63,19 +63,19 @@ def main(argv=None) -> int:
     import torch
     from torch import nn
 
-    from edgestar.calibrate import trace
-    from edgestar.checkpoints import build_model
-    from edgestar.data import batches, calibration_inputs, evaluation_set, load_images, qat_images
-    from edgestar.diagnose import node_labels
-    from edgestar.pipeline import QuantizeConfig, _fold, _preprocessing, calibration_ranges
-    from edgestar.qat import QATConfig, QConv2d, QLinear, finetune, quantized_nodes, simulate
-    from edgestar.validate import proportion_interval
+    from edgestar.quant.ranges import trace
+    from edgestar.models.checkpoints import build_model
+    from edgestar.data.images import batches, calibration_inputs, evaluation_set, load_images, qat_images
+    from edgestar.quant.diagnose import node_labels
+    from edgestar.pipeline.quantize import QuantizeConfig, calibration_ranges, fold_for_target, preprocessing_for
+    from edgestar.quant.qat import QATConfig, QConv2d, QLinear, finetune, quantized_nodes, simulate
+    from edgestar.evaluate.validate import proportion_interval
 
     torch.manual_seed(0)
     model, ckpt = build_model(args.variant, args.weights)
-    pre = _preprocessing(QuantizeConfig(variant=args.variant, weights=args.weights), ckpt)
+    pre = preprocessing_for(QuantizeConfig(variant=args.variant, weights=args.weights), ckpt)
     calib, _ = calibration_inputs(args.calib, pre, samples=args.calib_samples, seed=0)
-    folded = _fold(model, calib, pre, "cpu", (), {}).eval()
+    folded = fold_for_target(model, calib, pre, "cpu", (), {}).eval()
     folder = evaluation_set(args.eval)
     x_eval = load_images([p for p, _ in folder.samples], pre)
     gm = trace(folded)

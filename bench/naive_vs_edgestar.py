@@ -28,11 +28,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import measure  # noqa: E402
 
-from edgestar.checkpoints import build_model, save_checkpoint  # noqa: E402
-from edgestar.data import Preprocessing, calibration_inputs, evaluation_set, load_batch  # noqa: E402
-from edgestar.models import count_params, create_model  # noqa: E402
-from edgestar.runtime import OnnxRunner, TFLiteRunner, TorchRunner  # noqa: E402
-from edgestar.tflite_file import grouped_convs, op_counts  # noqa: E402
+from edgestar.models.checkpoints import build_model, save_checkpoint  # noqa: E402
+from edgestar.data.images import Preprocessing, calibration_inputs, evaluation_set, load_batch  # noqa: E402
+from edgestar.models.starnet import count_params, create_model  # noqa: E402
+from edgestar.evaluate.runners import OnnxRunner, TFLiteRunner, TorchRunner  # noqa: E402
+from edgestar.convert.tflite_file import grouped_convs, op_counts  # noqa: E402
 
 BIN = Path(sys.executable).parent
 

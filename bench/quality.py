@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, required=True)
     args = ap.parse_args(argv)
 
-    from edgestar.pipeline import QuantizeConfig, quantize
+    from edgestar import QuantizeConfig, quantize
 
     rows = ABLATION if args.table == "ablation" else methods(args.train, args.qat_steps)
     lines = ["| method | INT8 top-1 | drop, pt (95 % interval) | agreement | logit SQNR | worst tensor own SQNR | INT8 bytes |",

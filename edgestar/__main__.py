@@ -1,3 +1,3 @@
-from .cli import cli
+from edgestar.cli import cli
 
 cli(prog_name="edgestar")

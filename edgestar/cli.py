@@ -12,9 +12,10 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .errors import EdgestarError
-from .registry import DOWNSAMPLE_FACTOR, VARIANTS
+from edgestar import __version__
+from edgestar.errors import EdgestarError
+from edgestar.models.registry import DOWNSAMPLE_FACTOR, VARIANTS
+from edgestar.pipeline.config import CALIBRATORS, EXTRA_FORMATS, FALLBACKS, IO_TYPES, PTQ_TECHNIQUES, TARGETS
 
 
 class ImageSize(click.ParamType):
@@ -34,7 +35,7 @@ class FormatList(click.ParamType):
     """Comma-separated extra formats, e.g. ``fp16,dynamic``."""
 
     name = "LIST"
-    choices = ("fp16", "dynamic")
+    choices = EXTRA_FORMATS
 
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
@@ -113,8 +114,8 @@ def cli():
 def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, drop_path,
           crop_pct, weights, seed, half, max_steps, out, quiet):
     """Train or fine-tune StarNet on an image folder."""
-    from .data import demo_split
-    from .train import TrainConfig, train as run_train
+    from edgestar import TrainConfig, demo_split
+    from edgestar import train as run_train
 
     if data == "demo":
         data = str(demo_split("calib"))
@@ -122,7 +123,7 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
     if val == "demo":
         val = str(demo_split("eval"))
     out = Path(out) if out else Path("runs") / f"{variant}-train-{_timestamp()}" / "model.pt"
-    from .rundir import ensure_writable_dir
+    from edgestar.files import ensure_writable_dir
 
     ensure_writable_dir(out.parent)
     cfg = TrainConfig(variant=variant, img_size=img_size, epochs=epochs, batch_size=batch_size,
@@ -148,29 +149,28 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
               help="Calibration images: a folder (searched recursively), a .npy array, the demo set, "
                    "or distilled: no images, inputs synthesized from the model's BatchNorm statistics.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=300, show_default=True)
-@click.option("--target", type=click.Choice(["cpu", "micro"]), default="cpu", show_default=True,
+@click.option("--target", type=click.Choice(list(TARGETS)), default="cpu", show_default=True,
               help="Runtime to shape the graph for: cpu = LiteRT/XNNPACK on phones and boards "
                    "(7x7 depthwise convs split for speed); micro = TFLite Micro.")
-@click.option("--calibrator", type=click.Choice(["edgestar", "tflite"]), default="edgestar",
+@click.option("--calibrator", type=click.Choice(list(CALIBRATORS)), default="edgestar",
               show_default=True,
               help="Where INT8 activation ranges are measured: on the PyTorch model (fast, "
                    "exact ranges), or by TFLite's own calibrator (slow; the baseline).")
 @click.option("--ptq", default=None, metavar="all|none|LIST",
               help="Post-training techniques beyond min/max calibration, comma-separated: "
-                   "scale-star, scale-dw, scale-g (exact rescalings), bias-correct, mse-ranges "
-                   "[default: none, plain min/max; see bench/RESULTS.md].")
+                   f"{', '.join(PTQ_TECHNIQUES)} [default: none, plain min/max; see bench/RESULTS.md].")
 @click.option("--eval", "eval_", default=None, metavar="DIR|demo",
               help="Labelled evaluation folder (one sub-folder per class) [default: the demo set].")
 @click.option("--eval-samples", type=click.IntRange(min=1), default=None,
               help="Evaluate on a fixed random subset of this many images [default: all].")
-@click.option("--io", "io_type", type=click.Choice(["int8", "uint8", "float"]), default="int8",
+@click.option("--io", "io_type", type=click.Choice(list(IO_TYPES)), default="int8",
               show_default=True, help="Input/output type of the INT8 model.")
 @click.option("--formats", type=FormatList(), default="", metavar="fp16,dynamic",
               help="Extra formats to build besides FP32 and INT8.")
 @click.option("--max-drop", type=click.FloatRange(min=0), default=None, metavar="POINTS",
               help="Exit with code 1 when INT8 top-1 falls more than this many points below "
                    "PyTorch FP32 (the report is still written).")
-@click.option("--fallback", type=click.Choice(["none", "float"]), default="none", show_default=True,
+@click.option("--fallback", type=click.Choice(list(FALLBACKS)), default="none", show_default=True,
               help="With --max-drop: float = when INT8 drops more, keep the tensors with the most "
                    "quantization error (1, 2, 4, ... of them) in float until the drop is within it; "
                    "the report gives the size and latency this cost.")
@@ -198,8 +198,9 @@ def quantize(variant, weights, num_classes, img_size, calib, calib_samples, targ
              eval_samples, io_type, formats, max_drop, fallback, qat, train, qat_epochs, qat_steps, qat_lr,
              qat_batch, out, seed, unsafe_allow_pickle, as_json, quiet):
     """Convert a StarNet checkpoint to validated FP32 and INT8 TFLite models."""
-    from .pipeline import QuantizeConfig, quantize as run_quantize
-    from .report import summary_table
+    from edgestar import QuantizeConfig
+    from edgestar import quantize as run_quantize
+    from edgestar import summary_table
 
     config = QuantizeConfig(
         variant=variant, weights=weights, num_classes=num_classes, img_size=img_size,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgestar.models import create_model
+from edgestar.models.starnet import create_model
 
 
 def randomize_batchnorms(model, seed=0):

@@ -7,10 +7,10 @@ import sys
 import numpy as np
 import torch
 
-from edgestar import qat
-from edgestar.calibrate import node_ranges, trace
-from edgestar.data import Preprocessing, batches, qat_images
-from edgestar.models import create_model, fold_batchnorms
+from edgestar.data.images import Preprocessing, batches, qat_images
+from edgestar.models.starnet import create_model, fold_batchnorms
+from edgestar.quant import qat
+from edgestar.quant.ranges import node_ranges, trace
 
 
 def main(images: str, out: str) -> None:

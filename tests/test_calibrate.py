@@ -4,9 +4,9 @@ import math
 import numpy as np
 import torch
 
-from edgestar import calibrate
-from edgestar.data import batches
-from edgestar.models import create_model, fold_batchnorms
+from edgestar.data.images import batches
+from edgestar.models.starnet import create_model, fold_batchnorms
+from edgestar.quant import ranges as calibrate
 
 
 def test_node_ranges_are_global_min_max_rounded_outward():

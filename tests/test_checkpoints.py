@@ -4,11 +4,11 @@ import urllib.error
 import pytest
 import torch
 
-from edgestar import checkpoints
-from edgestar.checkpoints import build_model, read_checkpoint, resolve_weights, save_checkpoint
-from edgestar.data import Preprocessing
+from edgestar.data.images import Preprocessing
 from edgestar.errors import CheckpointError, InputError
-from edgestar.models import create_model
+from edgestar.models import checkpoints
+from edgestar.models.checkpoints import build_model, read_checkpoint, resolve_weights, save_checkpoint
+from edgestar.models.starnet import create_model
 
 
 class NotAllowed:

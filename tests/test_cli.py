@@ -6,8 +6,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from edgestar import pipeline
 from edgestar.cli import cli
+import edgestar as pipeline  # the library API the CLI calls
 
 
 def run(*args):
@@ -126,7 +126,7 @@ def test_official_weights_unavailable_for_s050(tmp_path):
 def test_offline_official_download(tmp_path, monkeypatch):
     import urllib.error
 
-    from edgestar import checkpoints
+    from edgestar.models import checkpoints
 
     monkeypatch.setenv("EDGESTAR_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(checkpoints.urllib.request, "urlopen",
@@ -205,7 +205,7 @@ def test_train_smoke_on_demo(tmp_path):
     result = run("train", "--variant", "s050", "--data", "demo", "--epochs", "1", "--max-steps", "2",
                  "--batch-size", "16", "--out", tmp_path / "m.pt", "-q")
     assert result.exit_code == 0, result.output
-    from edgestar.checkpoints import read_checkpoint
+    from edgestar.models.checkpoints import read_checkpoint
 
     ckpt = read_checkpoint(tmp_path / "m.pt")
     assert ckpt.variant == "s050" and ckpt.num_classes == 10 and len(ckpt.class_names) == 10

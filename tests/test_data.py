@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgestar.data import (Preprocessing, read_batches, save_nhwc, calibration_inputs, evaluation_set, load_array,
-                           load_rgb, preprocess_image, scan_image_folder)
+from edgestar.data.images import (Preprocessing, calibration_inputs, evaluation_set, load_array, load_rgb,
+                                  preprocess_image, read_batches, save_nhwc, scan_image_folder)
 from edgestar.errors import DataError, InputError
 
 

@@ -1,5 +1,5 @@
 """The error table's helpers (the table itself is checked end to end in test_e2e)."""
-from edgestar.diagnose import format_rows, node_labels, spread
+from edgestar.quant.diagnose import format_rows, node_labels, spread
 
 
 def test_spread_covers_the_whole_folder():
@@ -11,8 +11,8 @@ def test_spread_covers_the_whole_folder():
 
 
 def test_node_labels_name_modules_and_the_star_product():
-    from edgestar.calibrate import trace
-    from edgestar.models import StarNet, fold_batchnorms
+    from edgestar.models.starnet import StarNet, fold_batchnorms
+    from edgestar.quant.ranges import trace
 
     gm = trace(fold_batchnorms(StarNet(16, (1, 1, 1, 1), 3, num_classes=4)))
     labels = node_labels(gm)

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgestar.distill import bn_layers, distilled_inputs
+from edgestar.data.distill import bn_layers, distilled_inputs
 from edgestar.errors import InputError
-from edgestar.models import create_model, fold_batchnorms
+from edgestar.models.starnet import create_model, fold_batchnorms
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 STEPS = 20

@@ -82,7 +82,7 @@ def trained_s050(offline_env, tmp_path_factory):
 def test_quantize_tiny_model_end_to_end(offline_env, trained_s050, tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 
-    from edgestar.tflite_file import op_counts, read_metadata
+    from edgestar.convert.tflite_file import op_counts, read_metadata
 
     env, log = offline_env
     out = tmp_path / "run"
@@ -140,8 +140,8 @@ def test_quantize_tiny_model_end_to_end(offline_env, trained_s050, tmp_path):
 def assert_deployment_graph(path, *, blocks, split=0, integer=True):
     """The graph properties edgestar promises (issue 3), on any StarNet it converts;
     ``split``: how many 7x7 depthwise convs ``--target cpu`` split into three parts."""
-    from edgestar.tflite_file import (BUFFER_ALIGNMENT, TFLM_INT8_OPS, buffer_offsets,
-                                      float_ops_inside, grouped_convs, op_counts)
+    from edgestar.convert.tflite_file import (BUFFER_ALIGNMENT, TFLM_INT8_OPS, buffer_offsets,
+                                              float_ops_inside, grouped_convs, op_counts)
 
     ops = op_counts(path)
     assert ops["DEPTHWISE_CONV_2D"] == 2 * blocks + 2 * split  # every depthwise conv is one
@@ -162,15 +162,15 @@ def assert_ranges_from_pytorch(manifest, int8_path, fp32_path):
     quantized over [0, <=6] (zero point -128). TFLite's own calibrator records the star
     product's range on the ReLU6 branch instead (15 of 16 in the demo model), which would fail
     this check."""
-    from edgestar.calibrate import activation_tensors
-    from edgestar.tflite_file import _operators
+    from edgestar.convert.tflite_file import operators
+    from edgestar.quant.ranges import activation_tensors
 
     calibration = manifest["stages"]["convert"]["calibration"]
     assert calibration == {"calibrator": "edgestar", "ranges_file": "int8_ranges.json",
                            "tensors": len(activation_tensors(Path(fp32_path).read_bytes()))}
     ranges = json.loads((Path(fp32_path).parent / "int8_ranges.json").read_text())
     assert ranges["source"] == "calibration" and len(ranges["tensors"]) == calibration["tensors"]
-    schema, graph, ops = _operators(int8_path)
+    schema, graph, ops = operators(int8_path)
     relu6 = schema.ActivationFunctionType.RELU6
     checked = 0
     for name, op in ops:
@@ -218,8 +218,8 @@ def test_same_inputs_give_byte_identical_models(offline_env, trained_s050, tmp_p
                     reason="tflite-micro not installed (pip install --pre tflite-micro)")
 def test_int8_model_runs_in_tflite_micro(offline_env, trained_s050, tmp_path):
     """The INT8 model runs on TFLite Micro's reference kernels and agrees with ai-edge-litert."""
-    from edgestar.data import Preprocessing, calibration_inputs
-    from edgestar.runtime import MicroRunner, TFLiteRunner
+    from edgestar.data.images import Preprocessing, calibration_inputs
+    from edgestar.evaluate.runners import MicroRunner, TFLiteRunner
 
     env, _ = offline_env
     res = edgestar(env, "quantize", "--variant", "s050", "--weights", trained_s050, "--target", "micro",
@@ -238,7 +238,7 @@ def test_int8_model_runs_in_tflite_micro(offline_env, trained_s050, tmp_path):
 
 def test_float_io_and_other_resolution(offline_env, tmp_path):
     """Random weights at 64 px, float I/O: QUANTIZE/DEQUANTIZE only at the edges."""
-    from edgestar.tflite_file import op_counts
+    from edgestar.convert.tflite_file import op_counts
 
     env, log = offline_env
     out = tmp_path / "run"
@@ -259,10 +259,6 @@ def test_float_io_and_other_resolution(offline_env, tmp_path):
     assert set(report["artifacts"]) == {"onnx", "tflite_fp32", "tflite_int8", "layer_errors"}
 
 
-DEMO_WEIGHTS = Path(__file__).resolve().parent.parent / "edgestar" / "weights" / "starnet_s1_cifar10_demo.pt"
-
-
-@pytest.mark.skipif(not DEMO_WEIGHTS.exists(), reason="demo weights not in this checkout")
 def test_demo_main_job(offline_env, tmp_path):
     """The README's main job: the shipped demo S1 on the 1,000 held-out demo images."""
     env, log = offline_env
@@ -286,7 +282,7 @@ def test_qat_deploys_as_trained(offline_env, trained_s050, tmp_path):
     import torch
     from ai_edge_litert import schema_py_generated as schema
 
-    from edgestar.qat import tflite_qparams
+    from edgestar.quant.qat import tflite_qparams
 
     env, _ = offline_env
     run = tmp_path / "qat"
@@ -314,11 +310,10 @@ def test_qat_deploys_as_trained(offline_env, trained_s050, tmp_path):
     assert m["fp32_parity_max_abs"] <= 1e-4
 
 
-@pytest.mark.skipif(not DEMO_WEIGHTS.exists(), reason="demo weights not in this checkout")
 def test_float_fallback_meets_max_drop(offline_env, tmp_path):
     """Calibrated on one image, the demo model loses several points in INT8; --fallback float
     keeps the worst tensors float (1, 2, 4, ...) until the drop is within --max-drop."""
-    from edgestar.tflite_file import float_ops_inside, read_metadata
+    from edgestar.convert.tflite_file import float_ops_inside, read_metadata
 
     env, _ = offline_env
     run = tmp_path / "run"

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from edgestar.errors import InputError
-from edgestar.models import (VARIANTS, check_img_size, count_batchnorms, count_params,
-                             create_model, fold_batchnorms)
+from edgestar.models.registry import VARIANTS, check_img_size
+from edgestar.models.starnet import count_batchnorms, count_params, create_model, fold_batchnorms
 
 # Parameter counts of the paper's code for 1000 classes.
 PAPER_PARAMS = {"s050": 542_728, "s100": 1_043_280, "s150": 1_560_616, "s1": 2_869_168,
@@ -73,7 +73,7 @@ def test_drop_path_only_in_training():
 
 @pytest.mark.parametrize("kernel", [7, 9])
 def test_split_depthwise_is_exact_and_each_part_fits_one_xnnpack_pass(kernel):
-    from edgestar.models import DilatedSplitConv, split_large_depthwise
+    from edgestar.models.starnet import DilatedSplitConv, split_large_depthwise
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 1),
@@ -91,7 +91,7 @@ def test_split_depthwise_is_exact_and_each_part_fits_one_xnnpack_pass(kernel):
 
 
 def test_split_depthwise_only_on_large_feature_maps():
-    from edgestar.models import split_large_depthwise
+    from edgestar.models.starnet import split_large_depthwise
 
     model = fold_batchnorms(create_model("s050", num_classes=3))  # depths 1, 1, 3, 1
     counts = {size: split_large_depthwise(model, size)[1] for size in (32, 64, 224)}

@@ -3,12 +3,13 @@ import numpy as np
 import pytest
 import torch
 
-from edgestar import ptq
-from edgestar.calibrate import node_ranges, node_values, trace
-from edgestar.data import batches
+from edgestar import quant
+from edgestar.data.images import batches
 from edgestar.errors import InputError
-from edgestar.models import fold_batchnorms, split_large_depthwise
-from edgestar.qat import fake_quant_weight, tflite_qparams
+from edgestar.models.starnet import fold_batchnorms, split_large_depthwise
+from edgestar.quant import ptq
+from edgestar.quant.qat import fake_quant_weight, tflite_qparams
+from edgestar.quant.ranges import node_ranges, node_values, trace
 
 
 @pytest.fixture
@@ -114,9 +115,9 @@ def test_mse_ranges_touch_only_products_and_sums(folded_and_data):
 
 
 def test_parse_techniques():
-    assert ptq.parse_techniques("all") == tuple(ptq.TECHNIQUES)
-    assert ptq.parse_techniques("none") == () == ptq.parse_techniques("")
-    assert ptq.parse_techniques("mse-ranges,scale-star") == ("scale-star", "mse-ranges")
-    assert ptq.parse_techniques(("scale-g",)) == ("scale-g",)
+    assert quant.parse_techniques("all") == tuple(quant.TECHNIQUES)
+    assert quant.parse_techniques("none") == () == quant.parse_techniques("")
+    assert quant.parse_techniques("mse-ranges,scale-star") == ("scale-star", "mse-ranges")
+    assert quant.parse_techniques(("scale-g",)) == ("scale-g",)
     with pytest.raises(InputError, match="unknown --ptq technique 'scale-x'"):
-        ptq.parse_techniques("scale-star,scale-x")
+        quant.parse_techniques("scale-star,scale-x")

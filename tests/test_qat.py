@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from edgestar import qat
-from edgestar.calibrate import node_ranges, trace
-from edgestar.data import Preprocessing, batches, qat_images
-from edgestar.models import Block, fold_batchnorms
+from edgestar.data.images import Preprocessing, batches, qat_images
+from edgestar.models.starnet import Block, fold_batchnorms
+from edgestar.quant import qat
+from edgestar.quant.ranges import node_ranges, trace
 
 HERE = Path(__file__).resolve().parent
 

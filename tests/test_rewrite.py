@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from edgestar.export import export_onnx
-from edgestar.models import create_model, fold_batchnorms
-from edgestar.rewrite import ROTATION_NODE, flip_for_same_padding, strip_input_rotation
-from edgestar.runtime import OnnxRunner
+from edgestar.evaluate.runners import OnnxRunner
+from edgestar.export.onnx_export import export_onnx
+from edgestar.export.rewrite import ROTATION_NODE, flip_for_same_padding, strip_input_rotation
+from edgestar.models.starnet import create_model, fold_batchnorms
 
 # the TorchScript exporter (what edgestar uses) warns that it is deprecated
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -106,7 +106,7 @@ def test_graphs_that_are_not_rotation_safe_are_left_alone():
 
 def test_rotation_is_exact_for_split_depthwise_starnet(tmp_path):
     """Dilated convs (the split 7x7 depthwise ones) rotate exactly too."""
-    from edgestar.models import split_large_depthwise
+    from edgestar.models.starnet import split_large_depthwise
 
     torch.manual_seed(0)
     model, count = split_large_depthwise(fold_batchnorms(create_model("s050", num_classes=4)), 64)

@@ -4,8 +4,9 @@ import os
 import pytest
 
 from edgestar.errors import InputError, StageError
-from edgestar.report import summary_table
-from edgestar.rundir import RunDir, atomic_write_json, ensure_writable_dir, load_manifest
+from edgestar.files import atomic_write_json, ensure_writable_dir
+from edgestar.pipeline.rundir import RunDir, load_manifest
+from edgestar.report.summary import summary_table
 
 
 def test_manifest_records_stages(tmp_path):

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from edgestar.validate import EngineStats, drop_interval, proportion_interval
+from edgestar.evaluate.validate import EngineStats, drop_interval, proportion_interval
 
 
 def _logits(classes):

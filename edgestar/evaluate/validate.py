@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .data import ImageFolder, Preprocessing, load_batch
+from edgestar.data.images import ImageFolder, Preprocessing, load_batch
 
 
 @dataclass

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, InputError
+from edgestar.errors import DataError, InputError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "calib" / "cifar10_demo"
+DEMO_DIR = Path(__file__).resolve().parents[2] / "calib" / "cifar10_demo"
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import InputError
+from edgestar.errors import InputError
 
 
 @dataclass(frozen=True)

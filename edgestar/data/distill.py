@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import InputError
+from edgestar.errors import InputError
 
 # Demo StarNet-S1 at 32 px, batches of 32, one CPU thread: 50 steps take ~4.4 s per batch and
 # cut the BN loss by 94% (1858 -> 114); 200 steps (~18 s) reach 97% (58) but measured

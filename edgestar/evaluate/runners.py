@@ -144,7 +144,7 @@ class MicroRunner:
             x = x.transpose(0, 2, 3, 1)
         with tempfile.TemporaryDirectory(prefix="edgestar-tflm-") as tmp:
             np.save(f"{tmp}/in.npy", quantize(x, ref.inp))
-            proc = subprocess.run([sys.executable, "-m", "edgestar.runtime", str(self.path),
+            proc = subprocess.run([sys.executable, "-m", "edgestar.evaluate.runners", str(self.path),
                                    f"{tmp}/in.npy", f"{tmp}/out.npy", str(self.arena_size)],
                                   capture_output=True, text=True)
             if proc.returncode != 0:

@@ -49,14 +49,14 @@ def layer_errors(int8_model, gm, pairs: dict[str, str], images: np.ndarray, *,
     """
     import torch
 
-    from .calibrate import _as_nhwc_views, _interpreter
-    from .runtime import quantize
-    from .tflite_file import _operators
-    from .validate import sqnr_db
+    from edgestar.convert.tflite_file import operators
+    from edgestar.evaluate.runners import quantize
+    from edgestar.evaluate.validate import sqnr_db
+    from edgestar.quant.ranges import nhwc_views, recording_interpreter
 
     interp = _interpreter_keeping_tensors(int8_model)
     details = {d["name"]: d for d in interp.get_tensor_details()}
-    producer = _producers(_operators(int8_model))
+    producer = _producers(operators(int8_model))
     grid = {}  # tensor name -> (index, scale, zero point)
     for name in pairs:
         d = details.get(name)
@@ -82,7 +82,7 @@ def layer_errors(int8_model, gm, pairs: dict[str, str], images: np.ndarray, *,
                 _, scale, zero = grid[name]
                 deq = (np.concatenate(held.pop(name)).astype(np.float32) - zero) * np.float32(scale)
                 a = acc[name]
-                views = _as_nhwc_views(value.numpy())
+                views = nhwc_views(value.numpy())
                 if a.view is None:  # the orientation that matches, decided on the first chunk
                     a.view = min((k for k, v in enumerate(views) if v.shape == deq.shape),
                                  key=lambda k: float(np.abs(views[k] - deq).max()))
@@ -96,7 +96,7 @@ def layer_errors(int8_model, gm, pairs: dict[str, str], images: np.ndarray, *,
                 a.count += ref.size
 
         with torch.no_grad():
-            _interpreter(gm, compare).run(torch.from_numpy(x))
+            recording_interpreter(gm, compare).run(torch.from_numpy(x))
 
     labels = node_labels(gm)
     rows = []

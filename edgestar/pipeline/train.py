@@ -11,16 +11,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import build_model, save_checkpoint
-from .data import ImageFolder, Preprocessing, load_rgb, preprocess_image, scan_image_folder
-from .errors import InputError
-from .models import check_img_size, create_model
-
-IN_MEMORY_LIMIT_BYTES = 2 << 30
+from edgestar.data.decoded import IN_MEMORY_LIMIT_BYTES, DecodedImages, normalize_uint8
+from edgestar.data.images import Preprocessing, scan_image_folder
+from edgestar.errors import InputError
+from edgestar.models.checkpoints import build_model, save_checkpoint
+from edgestar.models.registry import check_img_size
+from edgestar.models.starnet import create_model
 
 
 @dataclass
@@ -48,40 +47,6 @@ class TrainConfig:
             raise InputError(f"learning rate must be positive, got {self.lr}")
 
 
-class _DecodedFolder(torch.utils.data.Dataset):
-    """Images resized/cropped to the model size, as uint8 HWC; decoded lazily or all at once."""
-
-    def __init__(self, folder: ImageFolder, pre: Preprocessing, in_memory: bool):
-        self.folder, self.pre = folder, pre
-        self.labels = torch.tensor([label for _, label in folder.samples])
-        self.cache = None
-        if in_memory:
-            self.cache = torch.from_numpy(np.stack([self._decode(i) for i in range(len(self))]))
-
-    def _decode(self, i: int) -> np.ndarray:
-        x = preprocess_image(load_rgb(self.folder.samples[i][0]), _raw(self.pre))
-        return np.clip(x.transpose(1, 2, 0) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-
-    def __len__(self):
-        return len(self.folder.samples)
-
-    def __getitem__(self, i):
-        img = self.cache[i] if self.cache is not None else torch.from_numpy(self._decode(i))
-        return img, self.labels[i]
-
-
-def _raw(pre: Preprocessing) -> Preprocessing:
-    """Same geometry, identity normalisation: yields pixels in [0, 1]."""
-    return Preprocessing(pre.img_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), pre.crop_pct, pre.interpolation)
-
-
-def _normalize(batch_uint8_nhwc: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
-    x = batch_uint8_nhwc.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random crop after reflect-padding by 1/8 of the size, and random horizontal flip."""
     n, _, h, w = x.shape
@@ -104,7 +69,7 @@ def evaluate_torch(model, loader, pre: Preprocessing) -> float:
     model.eval()
     correct = total = 0
     for imgs, labels in loader:
-        pred = model(_normalize(imgs, pre)).argmax(1)
+        pred = model(normalize_uint8(imgs, pre)).argmax(1)
         correct += (pred == labels).sum().item()
         total += len(labels)
     return correct / max(total, 1)
@@ -136,7 +101,7 @@ def train(cfg: TrainConfig, *, data: str, out: str | Path, val: str | None = Non
 
     in_memory = len(folder) * cfg.img_size**2 * 3 <= IN_MEMORY_LIMIT_BYTES
     t0 = time.perf_counter()
-    train_set = _DecodedFolder(folder, pre, in_memory)
+    train_set = DecodedImages(folder, pre, in_memory)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=len(folder) > cfg.batch_size,
         generator=gen, num_workers=0 if in_memory else 2,
@@ -147,7 +112,7 @@ def train(cfg: TrainConfig, *, data: str, out: str | Path, val: str | None = Non
         if val_folder.classes != folder.classes:
             raise InputError(f"validation folder {val} has other classes than {folder.root}")
         val_loader = torch.utils.data.DataLoader(
-            _DecodedFolder(val_folder, pre, True), batch_size=256)
+            DecodedImages(val_folder, pre, True), batch_size=256)
     log(f"decoded {len(folder)} training images in {time.perf_counter() - t0:.1f}s")
 
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
@@ -177,7 +142,7 @@ def train(cfg: TrainConfig, *, data: str, out: str | Path, val: str | None = Non
                 break
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
-            x = _augment(_normalize(imgs, pre), gen)
+            x = _augment(normalize_uint8(imgs, pre), gen)
             loss = F.cross_entropy(model(x), labels, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()

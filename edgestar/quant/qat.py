@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import ImageFolder, Preprocessing
-from .errors import InputError
+from edgestar.data.images import ImageFolder, Preprocessing
+from edgestar.errors import InputError
 
 INT8_MIN, INT8_MAX = -128, 127
 WEIGHT_MAX = 127  # symmetric weights use [-127, 127]
@@ -175,7 +175,7 @@ def quantized_nodes(gm) -> list[str]:
     or ReLU (TFLite fuses the activation; the activation's output is the stored tensor) and
     value-preserving modules (identity, flatten), which share their input's tensor.
     """
-    from .calibrate import aliases
+    from edgestar.quant.ranges import aliases
 
     modules = dict(gm.named_modules())
     alias = aliases(gm)
@@ -201,7 +201,7 @@ def simulate(model: nn.Module, ranges: dict[str, tuple[float, float]], *,
     Its conv/linear layers share ``model``'s parameters, so training it trains ``model``.
     ``ranges`` must cover every node of :func:`quantized_nodes`.
     """
-    from .calibrate import trace
+    from edgestar.quant.ranges import trace
 
     gm = trace(model)
     modules = dict(gm.named_modules())
@@ -287,7 +287,7 @@ def finetune(model: nn.Module, images: ImageFolder, pre: Preprocessing,
     ``ranges`` (fx node -> (min, max), e.g. :func:`edgestar.calibrate.node_ranges` on the
     calibration set) initialise the activation quantizers. ``model`` is not modified.
     """
-    from .train import IN_MEMORY_LIMIT_BYTES, _DecodedFolder, _normalize
+    from edgestar.data.decoded import IN_MEMORY_LIMIT_BYTES, DecodedImages, normalize_uint8
 
     log = log or (lambda msg: None)
     rank, world = distributed_context()
@@ -300,7 +300,7 @@ def finetune(model: nn.Module, images: ImageFolder, pre: Preprocessing,
     if world > 1:
         net = nn.parallel.DistributedDataParallel(sim, broadcast_buffers=False)
     in_memory = len(images) * pre.img_size**2 * 3 <= IN_MEMORY_LIMIT_BYTES
-    dataset = _Indexed(_DecodedFolder(images, pre, in_memory=in_memory))
+    dataset = _Indexed(DecodedImages(images, pre, in_memory=in_memory))
     per_process = config.batch_size // world
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=config.seed, drop_last=True)
@@ -326,7 +326,7 @@ def finetune(model: nn.Module, images: ImageFolder, pre: Preprocessing,
                 q.tracking = step < track_until
             for group in opt.param_groups:
                 group["lr"] = 0.5 * config.lr * (1 + math.cos(math.pi * step / total))
-            x = _normalize(imgs, pre)
+            x = normalize_uint8(imgs, pre)
             if config.augment:
                 x = _augment(x, index, epoch, config.seed)
             with torch.no_grad():

@@ -38,40 +38,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import InputError
+from edgestar.quant import EXACT
 
-TECHNIQUES = {
-    "scale-star": "move per-channel scale from the star product into g (exact)",
-    "scale-dw": "move per-channel scale from the first depthwise conv into f1/f2 (exact)",
-    "scale-g": "move per-channel scale from g into the second depthwise conv (exact)",
-    "bias-correct": "remove the mean output shift of int8 weight rounding from each bias",
-    "mse-ranges": "clip star-product and residual ranges to the int8 error minimum",
-}
-EXACT = ("scale-star", "scale-dw", "scale-g")
 MIN_CHANNEL_RANGE = 1e-2  # channels narrower than this fraction of the widest are not blown up
 MAX_FACTOR = 64.0  # largest rescaling factor either way
 MSE_BINS = 4096
 MSE_CANDIDATES = np.geomspace(0.02, 1.0, 100)  # fractions of the min/max range tried
 
 
-def parse_techniques(spec: str | tuple | list | None) -> tuple[str, ...]:
-    """``"all"``, ``"none"``, or a comma list of :data:`TECHNIQUES` -> a tuple in canonical order."""
-    if spec is None:
-        return ()
-    items = spec if isinstance(spec, (tuple, list)) else [s.strip() for s in str(spec).split(",") if s.strip()]
-    if list(items) == ["all"]:
-        return tuple(TECHNIQUES)
-    if list(items) in ([], ["none"]):
-        return ()
-    bad = [t for t in items if t not in TECHNIQUES]
-    if bad:
-        raise InputError(f"unknown --ptq technique {bad[0]!r}; choose from all, none, "
-                         + ", ".join(TECHNIQUES))
-    return tuple(t for t in TECHNIQUES if t in items)
-
-
 def _blocks(model: nn.Module):
-    from .models import Block
+    from edgestar.models.starnet import Block
 
     return [m for m in model.modules() if isinstance(m, Block)]
 
@@ -200,8 +176,8 @@ def correct_biases(model: nn.Module, batches) -> tuple[nn.Module, dict]:
     are used for the expectation. A :class:`~edgestar.models.DilatedSplitConv`'s parts share
     one bias (the first part's). Returns the model and the largest shift relative to the
     layer's output scale."""
-    from .models import DilatedSplitConv
-    from .qat import fake_quant_weight
+    from edgestar.models.starnet import DilatedSplitConv
+    from edgestar.quant.qat import fake_quant_weight
 
     model = copy.deepcopy(model).eval()
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -260,7 +236,7 @@ def mse_ranges(gm, batches, ranges: dict[str, tuple[float, float]], nodes: list[
     """``ranges`` with each of ``nodes`` narrowed to the clip range minimising the int8
     quantization error of its values over ``batches`` (a second pass; histograms of
     MSE_BINS bins over the min/max range, candidates MSE_CANDIDATES times that range)."""
-    from .calibrate import _interpreter
+    from edgestar.quant.ranges import recording_interpreter
 
     hist = {n: torch.zeros(MSE_BINS, dtype=torch.float64) for n in nodes if n in ranges}
 
@@ -269,7 +245,7 @@ def mse_ranges(gm, batches, ranges: dict[str, tuple[float, float]], nodes: list[
             lo, hi = ranges[name]
             hist[name] += torch.histc(v.double().flatten(), MSE_BINS, lo, hi)
 
-    recorder = _interpreter(gm, collect)
+    recorder = recording_interpreter(gm, collect)
     for x in batches:
         recorder.run(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
     out = dict(ranges)
@@ -283,7 +259,7 @@ def best_clip(hist: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
     error for values distributed as ``hist`` over [lo, hi], under TFLite's scale/zero-point
     rule: rounding costs ``scale^2 / 12`` per value inside the representable range (values
     spread evenly within a step), clipping ``(v - bound)^2`` per value outside it."""
-    from .qat import tflite_qparams
+    from edgestar.quant.qat import tflite_qparams
 
     edges = np.linspace(lo, hi, len(hist) + 1)
     centers = (edges[:-1] + edges[1:]) / 2

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from .data import Preprocessing
-from .errors import CheckpointError, InputError
-from .models import StarNet, create_model, get_variant
+from edgestar.data.images import Preprocessing
+from edgestar.errors import CheckpointError, InputError
+from edgestar.models.registry import get_variant
+from edgestar.models.starnet import StarNet, create_model
 
 EDGESTAR_FORMAT = "edgestar"
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights"

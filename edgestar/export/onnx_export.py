@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import StageError
-from .rundir import temp_path_for
+from edgestar.errors import StageError
+from edgestar.files import temp_path_for
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -25,9 +25,9 @@ def export_onnx(model: torch.nn.Module, img_size: int, path: Path, *, rotate: bo
     With ``rotate`` the graph is rewritten so that no PAD is needed in TFLite
     (:func:`edgestar.rewrite.flip_for_same_padding`). Returns what was done.
     """
-    from .rewrite import flip_for_same_padding
-
     import onnx
+
+    from edgestar.export.rewrite import flip_for_same_padding
 
     path = Path(path)
     dummy = torch.zeros(1, 3, img_size, img_size)

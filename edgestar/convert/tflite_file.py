@@ -12,20 +12,20 @@ from pathlib import Path
 METADATA_NAME = "edgestar.preprocessing"
 
 
-def _schema():
+def flatbuffer_schema():
     from ai_edge_litert import schema_py_generated as schema
 
     return schema
 
 
 def _op_names() -> dict[int, str]:
-    ops = _schema().BuiltinOperator
+    ops = flatbuffer_schema().BuiltinOperator
     return {v: k for k, v in vars(ops).items() if not k.startswith("_") and isinstance(v, int)}
 
 
-def _operators(model):
+def operators(model):
     """``(schema, subgraph 0, [(op name, operator), ...])``; custom ops named ``CUSTOM:<code>``."""
-    schema = _schema()
+    schema = flatbuffer_schema()
     m = schema.Model.GetRootAs(_read(model), 0)
     builtin = _op_names()
     names = []
@@ -41,7 +41,7 @@ def _operators(model):
 
 def op_counts(model: bytes | str | Path) -> Counter:
     """Operator histogram of subgraph 0, e.g. ``{'CONV_2D': 30, 'MUL': 16, ...}``."""
-    _, _, ops = _operators(model)
+    _, _, ops = operators(model)
     return Counter(name for name, _ in ops)
 
 
@@ -62,7 +62,7 @@ def flex_ops(counts: Counter) -> list[str]:
 
 def float_ops_inside(model) -> list[str]:
     """Ops of an integer model that compute in float (QUANTIZE in / DEQUANTIZE out excepted)."""
-    schema, graph, ops = _operators(model)
+    schema, graph, ops = operators(model)
     floats = (schema.TensorType.FLOAT32, schema.TensorType.FLOAT16)
     found = []
     for name, op in ops:
@@ -76,7 +76,7 @@ def float_ops_inside(model) -> list[str]:
 
 def grouped_convs(model) -> int:
     """CONV_2D ops whose filter sees fewer input channels than the input has (grouped)."""
-    _, graph, ops = _operators(model)
+    _, graph, ops = operators(model)
     return sum(
         int(graph.Tensors(op.Inputs(1)).ShapeAsNumpy()[-1] != graph.Tensors(op.Inputs(0)).ShapeAsNumpy()[-1])
         for name, op in ops if name == "CONV_2D")
@@ -87,7 +87,7 @@ def float_region(model: bytes | str | Path, names: list[str]) -> list[str]:
     so that the tensors ``names`` stay float: the ops writing them and every op reading
     them. Keeping only the writer float would not help: its output would be quantized
     again, to the same int8 grid, for its int8 readers."""
-    _, graph, ops = _operators(model)
+    _, graph, ops = operators(model)
     all_names = tensor_names(model)
     keep = set(names)
     wanted = {i for i, n in enumerate(all_names) if n in keep}
@@ -102,13 +102,13 @@ def float_region(model: bytes | str | Path, names: list[str]) -> list[str]:
 
 def tensor_names(model: bytes | str | Path) -> list[str]:
     """Names of subgraph 0's tensors, by index (activation names survive quantization)."""
-    graph = _schema().Model.GetRootAs(_read(model), 0).Subgraphs(0)
+    graph = flatbuffer_schema().Model.GetRootAs(_read(model), 0).Subgraphs(0)
     return [graph.Tensors(i).Name().decode() for i in range(graph.TensorsLength())]
 
 
 def read_metadata(model: bytes | str | Path, name: str = METADATA_NAME) -> dict | None:
     buf = _read(model)
-    m = _schema().Model.GetRootAs(buf, 0)
+    m = flatbuffer_schema().Model.GetRootAs(buf, 0)
     for i in range(m.MetadataLength()):
         md = m.Metadata(i)
         if md.Name() and md.Name().decode() == name:
@@ -121,7 +121,7 @@ def add_metadata(model: bytes, payload: dict, name: str = METADATA_NAME) -> byte
     """Return ``model`` with a JSON metadata entry ``name`` (replacing an existing one)."""
     import numpy as np
 
-    schema = _schema()
+    schema = flatbuffer_schema()
     obj = schema.ModelT.InitFromObj(schema.Model.GetRootAs(model, 0))
     data = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     buffer = schema.BufferT()
@@ -176,7 +176,7 @@ def pack_model(obj, size_hint: int = 1 << 20) -> bytes:
 def buffer_offsets(model: bytes | str | Path) -> list[int]:
     """Absolute file offset of every non-empty buffer payload (for alignment checks)."""
     buf = _read(model)
-    m = _schema().Model.GetRootAs(buf, 0)
+    m = flatbuffer_schema().Model.GetRootAs(buf, 0)
     offsets = []
     for i in range(m.BuffersLength()):
         table = m.Buffers(i)._tab

@@ -12,10 +12,8 @@ import copy
 import torch
 from torch import nn
 
-from .errors import InputError
-from .registry import (  # noqa: F401  (re-exported: models is where callers look)
-    DOWNSAMPLE_FACTOR, STEM_CHANNELS, VARIANTS, VariantSpec, check_img_size, get_variant,
-)
+from edgestar.errors import InputError
+from edgestar.models.registry import STEM_CHANNELS, get_variant
 
 
 class ConvBN(nn.Sequential):

@@ -1,7 +1,7 @@
 """Human-readable reports rendered from manifests alone."""
 from __future__ import annotations
 
-from .diagnose import format_rows
+from edgestar.quant.diagnose import format_rows
 
 
 def summary_table(manifest: dict, out=None) -> str:

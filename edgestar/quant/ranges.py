@@ -62,7 +62,7 @@ def aliases(gm) -> dict[str, str]:
     return found
 
 
-def _interpreter(gm, on_value):
+def recording_interpreter(gm, on_value):
     """An fx interpreter calling ``on_value(node_name, tensor)`` for every tensor it computes."""
     import torch
     import torch.fx
@@ -83,7 +83,7 @@ def node_values(gm, x: np.ndarray) -> dict[str, np.ndarray]:
 
     values: dict[str, np.ndarray] = {}
     with torch.no_grad():
-        _interpreter(gm, lambda name, v: values.__setitem__(name, v.numpy().copy())).run(
+        recording_interpreter(gm, lambda name, v: values.__setitem__(name, v.numpy().copy())).run(
             torch.from_numpy(np.ascontiguousarray(x, np.float32)))
     return values
 
@@ -101,7 +101,7 @@ def node_ranges(gm, batches) -> dict[str, tuple[float, float]]:
         lo[name] = min(lo.get(name, math.inf), float(a))
         hi[name] = max(hi.get(name, -math.inf), float(b))
 
-    recorder = _interpreter(gm, update)
+    recorder = recording_interpreter(gm, update)
     with torch.no_grad():
         for x in batches:
             recorder.run(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
@@ -130,9 +130,9 @@ def _round_out(v: float, direction) -> float:
 def activation_tensors(model: bytes) -> list[int]:
     """Indices of the float tensors TFLite's calibrator records: the graph inputs and every
     op output, in execution order."""
-    from .tflite_file import _operators
+    from edgestar.convert.tflite_file import operators
 
-    schema, graph, ops = _operators(model)
+    schema, graph, ops = operators(model)
     found: list[int] = []
     for t in [graph.Inputs(i) for i in range(graph.InputsLength())] + [
             op.Outputs(j) for _, op in ops for j in range(op.OutputsLength())]:
@@ -154,7 +154,7 @@ def tflite_values(model: bytes, x_nhwc: np.ndarray, tensors: list[int]) -> dict[
     return {t: interp.get_tensor(t).copy() for t in tensors}
 
 
-def _as_nhwc_views(v: np.ndarray) -> list[np.ndarray]:
+def nhwc_views(v: np.ndarray) -> list[np.ndarray]:
     """A PyTorch value as TFLite may hold it: NCHW -> NHWC, as is and rotated by 180 degrees."""
     if v.ndim != 4:
         return [v]
@@ -184,7 +184,7 @@ def match_tensors(model: bytes, gm, sample: np.ndarray) -> dict[int, str]:
 
     def compare(name, v):
         name = alias.get(name, name)
-        for view in _as_nhwc_views(v.numpy()):
+        for view in nhwc_views(v.numpy()):
             for t in by_shape.get(view.shape, ()):
                 err = float(np.abs(view - flite[t]).max()) / scale[t]
                 # On a tie the later node wins: a ReLU6 over a conv whose outputs all happen
@@ -193,7 +193,7 @@ def match_tensors(model: bytes, gm, sample: np.ndarray) -> dict[int, str]:
                     best[t] = (err, name)
 
     with torch.no_grad():
-        _interpreter(gm, compare).run(torch.from_numpy(np.ascontiguousarray(sample, np.float32)))
+        recording_interpreter(gm, compare).run(torch.from_numpy(np.ascontiguousarray(sample, np.float32)))
     unmatched = [t for t in tensors if t not in best]
     if unmatched:
         raise UnmatchedTensors(unmatched)
@@ -203,9 +203,9 @@ def match_tensors(model: bytes, gm, sample: np.ndarray) -> dict[int, str]:
 def with_ranges(model: bytes, ranges: dict[int, tuple[float, float]]) -> bytes:
     """The FP32 flatbuffer with ``(min, max)`` recorded on the given tensors, as TFLite's
     calibrator records them: the input of ``mlir_quantize``."""
-    from .tflite_file import _schema, pack_model
+    from edgestar.convert.tflite_file import flatbuffer_schema, pack_model
 
-    schema = _schema()
+    schema = flatbuffer_schema()
     obj = schema.ModelT.InitFromObj(schema.Model.GetRootAs(model, 0))
     tensors = obj.subgraphs[0].tensors
     for t, (lo, hi) in ranges.items():

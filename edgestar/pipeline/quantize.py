@@ -24,76 +24,30 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .checkpoints import build_model, sha256_file
-from .data import Preprocessing, batches, calibration_inputs, evaluation_set, read_batches
-from .diagnose import LAYER_ERRORS_FILE, diagnose_images, layer_errors, spread
-from .errors import InputError, StageError
-from .export import export_onnx, max_abs_diff, onnx_op_counts
-from .memory import peak_rss_mb, release_freed_memory
-from .models import (check_img_size, count_batchnorms, count_params, fold_batchnorms,
-                     split_large_depthwise)
-from .ptq import EXACT as EXACT_RESCALINGS, correct_biases, rescale
-from .rundir import RunDir, atomic_write_json
-from .runtime import OnnxRunner, TorchRunner
+from edgestar import __version__
+from edgestar.data.images import Preprocessing, batches, calibration_inputs, evaluation_set, read_batches
+from edgestar.errors import InputError, StageError
+from edgestar.evaluate.runners import OnnxRunner, TorchRunner
+from edgestar.export.onnx_export import export_onnx, max_abs_diff, onnx_op_counts
+from edgestar.files import atomic_write_json
+from edgestar.memory import peak_rss_mb, release_freed_memory
+from edgestar.models.checkpoints import build_model, sha256_file
+from edgestar.models.starnet import count_batchnorms, count_params, fold_batchnorms, split_large_depthwise
+from edgestar.pipeline.config import (DISTILLED, QuantizeConfig, check_config, config_dict, ptq_techniques,
+                                      qat_options)
+from edgestar.pipeline.rundir import RunDir
+from edgestar.quant.diagnose import LAYER_ERRORS_FILE, diagnose_images, layer_errors, spread
+from edgestar.quant.ptq import EXACT as EXACT_RESCALINGS
+from edgestar.quant.ptq import correct_biases, rescale
 
 DEMO_CLASSES = 10
-DISTILLED = "distilled"  # --calib value: no images, inputs synthesized from BatchNorm statistics
 RANGES_FILE = "int8_ranges.json"  # the activation ranges the INT8 model was built with
 FOLD_TOLERANCE = 1e-4  # relative to the logit scale; folding is exact up to float rounding
 ONNX_PARITY_IMAGES = 64
 WORST_SHOWN = 5  # tensors of the error table copied into the manifest's metrics
 PARITY_TOLERANCE = 1e-3  # FP32 TFLite / ONNX vs PyTorch, absolute logits: beyond it the model is wrong
 
-TARGETS = {
-    "cpu": "LiteRT with XNNPACK (phones, Raspberry Pi, ARM boards): 7x7 depthwise convs on maps "
-           ">= 14 px are split into three dilated ones, which XNNPACK runs in one pass each",
-    "micro": "TFLite Micro: 7x7 depthwise convs kept whole (fewer ops, smaller arena)",
-}
-
-CALIBRATORS = {
-    "edgestar": "min/max of each activation measured on the folded PyTorch model",
-    "tflite": "TFLite's own calibrator on the FP32 .tflite (single-threaded reference kernels)",
-}
-
-DEFAULT_PTQ: tuple[str, ...] = ()  # plain min/max: the ablation in bench/RESULTS.md found no top-1 gain
-
-FALLBACKS = {
-    "none": "a drop beyond --max-drop fails the run",
-    "float": "keep the worst tensors (error table order) in float until the drop is within --max-drop",
-}
-
 TOOL_PACKAGES = ("torch", "tensorflow", "onnx", "onnx2tf", "onnxruntime", "ai-edge-litert", "numpy")
-
-
-@dataclass(frozen=True)
-class QuantizeConfig:
-    """Everything ``quantize`` needs; mirrors the CLI options one to one."""
-
-    variant: str
-    weights: str = "official"
-    num_classes: int | None = None
-    img_size: int | None = None
-    calib: str = "demo"
-    calib_samples: int = 300
-    calibrator: str = "edgestar"  # where INT8 activation ranges are measured, see CALIBRATORS
-    ptq: str | tuple[str, ...] | None = None  # edgestar.ptq techniques ("a,b" or a tuple); None: DEFAULT_PTQ
-    target: str = "cpu"  # the runtime the graph is shaped for, see TARGETS
-    eval: str | None = None  # None: the demo evaluation set, used with labels if classes match
-    eval_samples: int | None = None
-    io_type: str = "int8"
-    formats: tuple[str, ...] = ()  # extra formats beyond fp32 and int8: "fp16", "dynamic"
-    max_drop: float | None = None
-    fallback: str = "none"  # "float": meet max_drop by keeping the worst tensors float
-    qat: bool = False  # fine-tune with INT8 simulation before converting (see edgestar.qat)
-    train: str | None = None  # QAT images: a folder or "demo" [default: the --calib source]
-    qat_epochs: int = 1
-    qat_steps: int | None = None  # stop QAT after this many steps (smoke tests, quick runs)
-    qat_lr: float = 2e-5
-    qat_batch: int = 64
-    out: Path | None = None
-    allow_pickle: bool = False
-    seed: int = 0
 
 
 @dataclass
@@ -145,15 +99,15 @@ def quantize(config: QuantizeConfig, *, progress_factory=None, log=None) -> Quan
     before any heavy work; stage failures raise StageError after recording them. Under
     torchrun with ``qat``, only rank 0 returns a result (the others return None after QAT)."""
     log = log or (lambda msg: None)
-    _check_config(config)
+    check_config(config)
     if config.qat and _qat_rank() != 0:
         _qat_follower(config)
         return None
     t_start = time.perf_counter()
     out = Path(config.out) if config.out else default_out(config.variant)
     run = RunDir.create(out, tool="edgestar quantize", created=datetime.now(timezone.utc).isoformat(
-        timespec="seconds"), config=_config_dict(config), versions=tool_versions(), inputs={})
-    from .convert import Conversion
+        timespec="seconds"), config=config_dict(config), versions=tool_versions(), inputs={})
+    from edgestar.convert.client import Conversion
 
     job = Conversion(run.path("convert.log"))  # imports TensorFlow while PyTorch stages run
     try:
@@ -174,7 +128,7 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
     with run.stage("load"):
         model, ckpt = build_model(config.variant, config.weights, num_classes=config.num_classes,
                                   allow_pickle=config.allow_pickle)
-        pre = _preprocessing(config, ckpt)
+        pre = preprocessing_for(config, ckpt)
         class_names = ckpt.class_names if ckpt else None
         m["inputs"]["weights"] = (
             {"spec": config.weights, "path": ckpt.source, "sha256": sha256_file(ckpt.source)}
@@ -206,7 +160,7 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
     techniques = ptq_techniques(config)
     m["ptq"] = list(techniques)
     with run.stage("fold") as rec:
-        folded = _fold(model, calib, pre, config.target, techniques, rec)
+        folded = fold_for_target(model, calib, pre, config.target, techniques, rec)
         probe = calib[: min(len(calib), 16)]
         ref_probe = _logits(TorchRunner(model), probe)
         diff = max_abs_diff(_logits(TorchRunner(folded), probe), ref_probe)
@@ -246,8 +200,8 @@ def _run_stages(run: RunDir, job, config: QuantizeConfig, t_start: float, progre
     formats = ("fp32", "int8") + tuple(f for f in config.formats if f not in ("fp32", "int8"))
     paths = {fmt: run.path(_artifact_name(config.variant, pre.img_size, fmt)) for fmt in formats}
     with run.stage("convert") as rec:
-        from .calibrate import trace
-        from .tflite_file import op_counts
+        from edgestar.convert.tflite_file import op_counts
+        from edgestar.quant.ranges import trace
 
         tflite_meta = {"edgestar_version": __version__, "variant": config.variant,
                        "num_classes": model.num_classes, "class_names": class_names,
@@ -341,7 +295,7 @@ def _measure_ranges(folded, calibration_file: Path, calibrator: str, img_size: i
         return None
     import torch
 
-    from .calibrate import trace
+    from edgestar.quant.ranges import trace
 
     gm = trace(folded)
 
@@ -359,8 +313,8 @@ def _measure_ranges(folded, calibration_file: Path, calibrator: str, img_size: i
 def calibration_ranges(gm, batches_fn, *, mse: bool) -> dict[str, tuple[float, float]]:
     """Each node's (min, max) over ``batches_fn()`` (NCHW batches); with ``mse`` the star
     products and sums are then narrowed to their int8-error minimum (a second pass)."""
-    from .calibrate import node_ranges
-    from .ptq import mse_ranges, range_nodes
+    from edgestar.quant.ptq import mse_ranges, range_nodes
+    from edgestar.quant.ranges import node_ranges
 
     ranges = node_ranges(gm, batches_fn())
     return mse_ranges(gm, batches_fn(), ranges, range_nodes(gm)) if mse else ranges
@@ -372,8 +326,8 @@ def _send_ranges(job, ranges, sample: np.ndarray, notes: list[str], ranges_file:
     itself; return what was done, for the manifest. The ranges used are written to
     ``ranges_file`` (TFLite tensor name -> fx node, min, max). ``strict`` (QAT: the ranges
     are the trained ones) refuses TFLite's calibrator as a fallback."""
-    from .calibrate import UnmatchedTensors, calibrated_model
-    from .tflite_file import tensor_names
+    from edgestar.convert.tflite_file import tensor_names
+    from edgestar.quant.ranges import UnmatchedTensors, calibrated_model
 
     if ranges is None:
         job.calibrate_in_worker()
@@ -406,9 +360,9 @@ def _send_ranges(job, ranges, sample: np.ndarray, notes: list[str], ranges_file:
 def _layer_errors(run: RunDir, folded, paths: dict, folder, pre) -> list[dict] | None:
     """The per-tensor INT8 error table (:mod:`edgestar.diagnose`) on a spread of evaluation
     images; None when some tensor has no PyTorch counterpart (TFLite's calibrator ran)."""
-    from .calibrate import UnmatchedTensors, match_tensors, trace
-    from .data import load_batch
-    from .tflite_file import tensor_names
+    from edgestar.convert.tflite_file import tensor_names
+    from edgestar.data.images import load_batch
+    from edgestar.quant.ranges import UnmatchedTensors, match_tensors, trace
 
     gm = trace(folded)
     images = load_batch([p for p, _ in spread(folder.samples, diagnose_images(pre.img_size))], pre)
@@ -460,10 +414,10 @@ def _float_fallback(config: QuantizeConfig, int8_path: Path, calibrated: Path, r
     worst own SQNR first, ending with all) until the top-1 drop is within ``max_drop``; on success the INT8
     artifact is replaced and its evaluation returned, with the size and latency it cost in
     ``rec``. Returns None (the artifact untouched) when no tried set is enough."""
-    from .convert import Requantizer
-    from .rundir import atomic_write_bytes
-    from .runtime import compare_latency
-    from .tflite_file import add_metadata, float_region
+    from edgestar.convert.client import Requantizer
+    from edgestar.convert.tflite_file import add_metadata, float_region
+    from edgestar.evaluate.runners import compare_latency
+    from edgestar.files import atomic_write_bytes
 
     candidates = [r["tensor"] for r in rows]
     rec["tried"] = []
@@ -496,7 +450,7 @@ def _float_fallback(config: QuantizeConfig, int8_path: Path, calibrated: Path, r
 def check_deployable(paths: dict) -> None:
     """Refuse graphs an edge runtime cannot run as built: Flex ops anywhere; in the INT8 model,
     float compute inside the graph or an op TFLite Micro has no int8 kernel for."""
-    from .tflite_file import TFLM_INT8_OPS, flex_ops, float_ops_inside, op_counts
+    from edgestar.convert.tflite_file import TFLM_INT8_OPS, flex_ops, float_ops_inside, op_counts
 
     for fmt, path in paths.items():
         ops = op_counts(path)
@@ -512,62 +466,7 @@ def check_deployable(paths: dict) -> None:
             raise StageError(f"{path.name} uses ops TFLite Micro has no int8 kernel for: {missing}")
 
 
-def _check_config(config: QuantizeConfig) -> None:
-    from .convert import IO_TYPES
-    from .registry import get_variant
-
-    get_variant(config.variant)
-    if config.img_size is not None:
-        check_img_size(config.img_size)
-    if config.io_type not in IO_TYPES:
-        raise InputError(f"unknown --io {config.io_type!r}; choose one of {', '.join(IO_TYPES)}")
-    bad = [f for f in config.formats if f not in ("fp32", "int8", "fp16", "dynamic")]
-    if bad:
-        raise InputError(f"unknown format {bad[0]!r}; choose from fp16, dynamic")
-    if config.target not in TARGETS:
-        raise InputError(f"unknown target {config.target!r}; choose one of {', '.join(TARGETS)}")
-    if config.calibrator not in CALIBRATORS:
-        raise InputError(f"unknown calibrator {config.calibrator!r}; choose one of {', '.join(CALIBRATORS)}")
-    techniques = ptq_techniques(config)
-    if "mse-ranges" in techniques and config.calibrator != "edgestar":
-        raise InputError("--ptq mse-ranges sets ranges edgestar measures; it cannot be combined "
-                         "with --calibrator tflite")
-    if config.calib_samples < 1:
-        raise InputError(f"--calib-samples must be at least 1, got {config.calib_samples}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not config.qat:
-        raise InputError("several torchrun processes are only used for --qat; run quantize alone")
-    if config.qat:
-        source = config.train or config.calib
-        if source != "demo" and (Path(source).suffix.lower() == ".npy" or not Path(source).is_dir()):
-            raise InputError(f"--qat trains on a folder of images; {source} is not one (pass --train DIR)")
-        _qat_options(config).validate()
-    if config.fallback not in FALLBACKS:
-        raise InputError(f"unknown fallback {config.fallback!r}; choose one of {', '.join(FALLBACKS)}")
-    if config.fallback != "none" and config.max_drop is None:
-        raise InputError("--fallback needs --max-drop: it keeps tensors in float until the drop is within it")
-    if config.max_drop is not None and config.max_drop < 0:
-        raise InputError(f"--max-drop must be >= 0, got {config.max_drop}")
-
-
-def ptq_techniques(config: QuantizeConfig) -> tuple[str, ...]:
-    """The :mod:`edgestar.ptq` techniques this run applies: ``config.ptq``, or by default
-    DEFAULT_PTQ (without mse-ranges under TFLite's calibrator, which sets its own ranges)."""
-    from .ptq import parse_techniques
-
-    if config.ptq is not None:
-        return parse_techniques(config.ptq)
-    return tuple(t for t in DEFAULT_PTQ if config.calibrator == "edgestar" or t != "mse-ranges")
-
-
-def _config_dict(config: QuantizeConfig) -> dict:
-    d = {k: getattr(config, k) for k in config.__dataclass_fields__}
-    d["out"] = str(d["out"]) if d["out"] else None
-    d["formats"] = list(d["formats"])
-    d["ptq"] = list(d["ptq"]) if isinstance(d["ptq"], (tuple, list)) else d["ptq"]
-    return d
-
-
-def _preprocessing(config: QuantizeConfig, ckpt) -> Preprocessing:
+def preprocessing_for(config: QuantizeConfig, ckpt) -> Preprocessing:
     pre = ckpt.preprocessing if ckpt and ckpt.preprocessing else Preprocessing(224)
     return pre.with_size(config.img_size) if config.img_size else pre
 
@@ -623,7 +522,7 @@ def _reference_logits(models: dict, folder, pre, progress_factory) -> dict[str, 
     one (the converter's)."""
     import torch
 
-    from .validate import predict
+    from edgestar.evaluate.validate import predict
 
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
@@ -641,7 +540,7 @@ def _qat_rank() -> int:
     """This process's rank when torchrun started several (QAT is data-parallel), else 0."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0
-    from .qat import distributed_context
+    from edgestar.quant.qat import distributed_context
 
     return distributed_context()[0]
 
@@ -651,10 +550,10 @@ def _qat_follower(config: QuantizeConfig) -> None:
     batch, nothing written. Rank 0 runs everything else."""
     model, ckpt = build_model(config.variant, config.weights, num_classes=config.num_classes,
                               allow_pickle=config.allow_pickle)
-    pre = _preprocessing(config, ckpt)
+    pre = preprocessing_for(config, ckpt)
     calib, _ = _calibration(model, pre, config, None)
     techniques = ptq_techniques(config)
-    folded = _fold(model, calib, pre, config.target, techniques, {})
+    folded = fold_for_target(model, calib, pre, config.target, techniques, {})
     if "bias-correct" in techniques:
         folded, _ = correct_biases(folded, batches(calib, batch_size_for(pre.img_size)))
     _finetune(folded, calib, pre, config, techniques, None, None)
@@ -667,7 +566,7 @@ def _calibration(model, pre, config: QuantizeConfig, progress_factory):
     if config.calib != DISTILLED:
         return calibration_inputs(config.calib, pre, samples=config.calib_samples,
                                   seed=config.seed, progress_factory=progress_factory)
-    from .distill import distilled_inputs
+    from edgestar.data.distill import distilled_inputs
 
     bar = progress_factory(config.calib_samples, "distilled calibration images") if progress_factory else None
     try:
@@ -678,7 +577,7 @@ def _calibration(model, pre, config: QuantizeConfig, progress_factory):
             bar.close()
 
 
-def _fold(model, calib: np.ndarray, pre, target: str, techniques, rec: dict):
+def fold_for_target(model, calib: np.ndarray, pre, target: str, techniques, rec: dict):
     """The model as it will be converted, exactly equal in float: BatchNorm folded, the exact
     rescalings of ``techniques`` applied, large depthwise convs split for ``target`` cpu.
     What was done goes into ``rec``."""
@@ -693,30 +592,23 @@ def _fold(model, calib: np.ndarray, pre, target: str, techniques, rec: dict):
 
 def _finetune(folded, calib: np.ndarray, pre, config: QuantizeConfig, techniques, progress_factory, log):
     """QAT of the folded model, its quantizers starting from the calibration ranges."""
-    from .calibrate import trace
-    from .data import qat_images
-    from .qat import finetune
+    from edgestar.data.images import qat_images
+    from edgestar.quant.qat import finetune
+    from edgestar.quant.ranges import trace
 
     images = qat_images(config.train or config.calib)
     start = calibration_ranges(trace(folded), lambda: batches(calib, batch_size_for(pre.img_size)),
                                mse="mse-ranges" in techniques)
-    return finetune(folded, images, pre, start, config=_qat_options(config),
+    return finetune(folded, images, pre, start, config=qat_options(config),
                     progress_factory=progress_factory, log=log)
-
-
-def _qat_options(config: QuantizeConfig):
-    from .qat import QATConfig
-
-    return QATConfig(epochs=config.qat_epochs, batch_size=config.qat_batch, lr=config.qat_lr,
-                     max_steps=config.qat_steps, seed=config.seed)
 
 
 def _evaluate_tflite(paths: dict, reference, others: dict, pre, folder, progress_factory, *,
                      spare_core: bool = False) -> dict:
     """Accuracy, agreement and logit error of each TFLite artifact against ``reference``;
     ``spare_core`` leaves one core to the converter while it still runs."""
-    from .runtime import TFLiteRunner
-    from .validate import evaluate
+    from edgestar.evaluate.runners import TFLiteRunner
+    from edgestar.evaluate.validate import evaluate
 
     if not paths:
         return {}

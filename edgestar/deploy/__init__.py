@@ -1,0 +1,1 @@
+"""Deployment commands (bench, firmware) will live here."""

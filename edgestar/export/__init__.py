@@ -1,0 +1,1 @@
+"""PyTorch -> ONNX, with exact graph rewrites."""

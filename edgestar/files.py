@@ -1,0 +1,51 @@
+"""Writing files so that nothing is ever left under its final name half-written: every file
+is written to a temporary name in the same folder and renamed when complete."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from edgestar.errors import InputError
+
+
+def ensure_writable_dir(path: Path) -> Path:
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InputError(f"output folder {path} exists and is not a directory") from None
+    except OSError as exc:
+        raise InputError(f"cannot create output folder {path}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(f"output folder {path} is not writable")
+    try:
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"output folder {path} is not writable ({exc.strerror})") from None
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def temp_path_for(path: Path) -> Path:
+    """The in-progress name of ``path`` (same folder, so the final rename is atomic)."""
+    return path.with_name(f".{path.name}.partial")

@@ -1,0 +1,1 @@
+"""The commands' stages over a run directory: quantize, train, the manifest."""

@@ -1,0 +1,1 @@
+"""Human-readable reports rendered from manifests alone."""
