@@ -161,6 +161,10 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
                    f"{', '.join(PTQ_TECHNIQUES)} [default: none, plain min/max; see bench/RESULTS.md].")
 @click.option("--eval", "eval_", default=None, metavar="DIR|demo",
               help="Labelled evaluation folder (one sub-folder per class) [default: the demo set].")
+@click.option("--labels", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Label file for a flat --eval folder: '<file name> <class index or name>' per "
+                   "line, or one class index per line for the images in sorted name order "
+                   "(ILSVRC2012 validation ground truth).")
 @click.option("--eval-samples", type=click.IntRange(min=1), default=None,
               help="Evaluate on a fixed random subset of this many images [default: all].")
 @click.option("--io", "io_type", type=click.Choice(list(IO_TYPES)), default="int8",
@@ -195,7 +199,7 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout at the end.")
 @quiet_option
 def quantize(variant, weights, num_classes, img_size, calib, calib_samples, target, calibrator, ptq, eval_,
-             eval_samples, io_type, formats, max_drop, fallback, qat, train, qat_epochs, qat_steps, qat_lr,
+             labels, eval_samples, io_type, formats, max_drop, fallback, qat, train, qat_epochs, qat_steps, qat_lr,
              qat_batch, out, seed, unsafe_allow_pickle, as_json, quiet):
     """Convert a StarNet checkpoint to validated FP32 and INT8 TFLite models."""
     from edgestar import QuantizeConfig
@@ -205,7 +209,7 @@ def quantize(variant, weights, num_classes, img_size, calib, calib_samples, targ
     config = QuantizeConfig(
         variant=variant, weights=weights, num_classes=num_classes, img_size=img_size,
         calib=calib, calib_samples=calib_samples, calibrator=calibrator, ptq=ptq, target=target,
-        eval=eval_, eval_samples=eval_samples,
+        eval=eval_, labels=labels, eval_samples=eval_samples,
         io_type=io_type, formats=tuple(formats), max_drop=max_drop, fallback=fallback, qat=qat,
         train=train,
         qat_epochs=qat_epochs, qat_steps=qat_steps, qat_lr=qat_lr, qat_batch=qat_batch,
@@ -218,6 +222,9 @@ def quantize(variant, weights, num_classes, img_size, calib, calib_samples, targ
         click.echo(summary_table(result.manifest, result.out), err=as_json)
         for note in result.notes:
             click.echo(f"note: {note}", err=as_json)
+    else:  # -q --json: no table, but a suspect result is never silent
+        for warning in result.warnings:
+            click.echo(f"WARNING: {warning}", err=True)
     if as_json:
         click.echo(json.dumps(result.to_json()))
     if not result.passed:

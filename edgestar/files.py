@@ -2,6 +2,7 @@
 is written to a temporary name in the same folder and renamed when complete."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -30,11 +31,14 @@ def ensure_writable_dir(path: Path) -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path`` and rename it into place. The file
+    gets the permissions a plain ``open(path, "w")`` would (``mkstemp`` makes it owner-only)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -44,6 +48,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+@functools.lru_cache(maxsize=None)
+def current_umask() -> int:
+    """The process umask, read once (reading it means setting it; set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def temp_path_for(path: Path) -> Path:

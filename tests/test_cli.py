@@ -138,9 +138,15 @@ def test_missing_calibration_folder(tmp_path, s050_ckpt):
     result = quantize(tmp_path, "--variant", "s050", "--weights", s050_ckpt, "--img-size", 32,
                       "--calib", tmp_path / "nothing")
     assert_one_line_error(result, "calibration folder", "does not exist")
-    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert manifest["status"] == "failed"
-    assert manifest["stages"]["calibration_data"]["status"] == "failed"
+    assert not (tmp_path / "run").exists()  # inputs are checked before the run folder exists
+
+
+def test_input_error_leaves_no_default_run_folder(tmp_path, s050_ckpt, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run("quantize", "--variant", "s050", "--weights", s050_ckpt, "--img-size", 32,
+                 "--calib", tmp_path / "nothing")
+    assert_one_line_error(result, "does not exist")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_empty_calibration_folder(tmp_path, s050_ckpt):

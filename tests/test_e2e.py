@@ -91,6 +91,7 @@ def test_quantize_tiny_model_end_to_end(offline_env, trained_s050, tmp_path):
                    "--formats", "fp16,dynamic", "--out", out, "--json", "-q", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert not log.exists(), f"network was touched: {log.read_text()}"
+    assert "INFO: Created TensorFlow Lite" not in res.stderr  # -q: LiteRT's log line too
     report = json.loads(res.stdout.strip().splitlines()[-1])
 
     assert report["variant"] == "s050" and report["img_size"] == 32 and report["num_classes"] == 10
@@ -312,15 +313,17 @@ def test_qat_deploys_as_trained(offline_env, trained_s050, tmp_path):
 
 def test_float_fallback_meets_max_drop(offline_env, tmp_path):
     """Calibrated on one image, the demo model loses several points in INT8; --fallback float
-    keeps the worst tensors float (1, 2, 4, ...) until the drop is within --max-drop."""
-    from edgestar.convert.tflite_file import float_ops_inside, read_metadata
+    keeps the worst tensors float (1, 2, 4, ...) until the drop is within --max-drop, in a
+    model of its own that says what it is (name, table row, op list, metadata)."""
+    from edgestar.convert.tflite_file import float_ops_inside, op_counts, read_metadata
 
     env, _ = offline_env
     run = tmp_path / "run"
     res = edgestar(env, "quantize", "--variant", "s1", "--weights", "demo", "--calib-samples", 1,
                    "--eval-samples", 200, "--max-drop", 1, "--fallback", "float", "--out", run,
-                   "--json", "-q")
+                   "--json")
     assert res.returncode == 0, res.stderr
+    assert "tflite int8+float" in res.stderr  # its own row in the summary
     manifest = json.loads((run / "manifest.json").read_text())
     pure = manifest["stages"]["validate"]["engines"]
     assert (pure["torch_fp32"]["top1"] - pure["tflite_int8"]["top1"]) * 100 > 1  # why it ran
@@ -328,15 +331,68 @@ def test_float_fallback_meets_max_drop(offline_env, tmp_path):
     assert [t["float_tensors"] for t in tried] == [2 ** i for i in range(len(tried))]
     assert all(t["drop_pt"] > 1 for t in tried[:-1]) and tried[-1]["drop_pt"] <= 1
     assert manifest["gate"]["passed"] and manifest["status"] == "ok"
+    assert manifest["gate"]["artifact"] == "tflite_mixed"
     m = manifest["metrics"]
-    assert m["int8_top1_drop_pt"] == pytest.approx(tried[-1]["drop_pt"])
+    assert m["mixed_top1_drop_pt"] == pytest.approx(tried[-1]["drop_pt"])
+    assert m["int8_top1_drop_pt"] > 1  # the all-INT8 figures stay what they were
     fallback = m["fallback"]
     assert len(fallback["float_tensors"]) == tried[-1]["float_tensors"]
-    assert fallback["bytes"]["ratio"] > 1 and fallback["latency_ms"]["fallback"] > 0
+    assert fallback["bytes"]["ratio"] > 1 and fallback["latency_ms"]["mixed"] > 0
     int8 = run / manifest["artifacts"]["tflite_int8"]["path"]
-    assert int8.stat().st_size == fallback["bytes"]["fallback"]
-    assert "MUL" in float_ops_inside(int8)  # the star products it kept float
-    assert len(read_metadata(int8)["float_tensors"]) == len(fallback["float_tensors"])
+    mixed = run / manifest["artifacts"]["tflite_mixed"]["path"]
+    assert mixed.name == "starnet_s1_32_mixed.tflite" and mixed.stat().st_size == fallback["bytes"]["mixed"]
+    assert float_ops_inside(int8) == []  # the INT8 model is still all-integer
+    assert "MUL" in float_ops_inside(mixed)  # the star products it kept float
+    assert manifest["stages"]["fallback"]["ops"] == dict(sorted(op_counts(mixed).items()))
+    meta = read_metadata(mixed)
+    assert meta["format"] == "mixed" and len(meta["float_tensors"]) == len(fallback["float_tensors"])
+
+
+def test_converter_failure_is_a_stage_error_with_its_cause(tmp_path):
+    """onnx2tf failing must end the run with the converter's own reason, not a RuntimeError
+    about ranges that were never sent (the thread waiting for the FP32 graph gives up)."""
+    from edgestar.errors import StageError
+    from edgestar.pipeline.overlap import OverlappedConversion
+
+    onnx = tmp_path / "broken.onnx"
+    onnx.write_bytes(b"this is not an ONNX file")
+    job = OverlappedConversion(tmp_path / "convert.log")
+    outputs = {"fp32": tmp_path / "m_fp32.tflite", "int8": tmp_path / "m_int8.tflite"}
+    job.submit(onnx, outputs, calibration=np.zeros((2, 3, 32, 32), np.float32), io_type="int8",
+               metadata={}, mean=(0.5,) * 3, std=(0.5,) * 3)
+    job.send_ranges((None, {}), np.zeros((1, 3, 32, 32), np.float32), tmp_path / "r.json",
+                    strict=False, notes=[])
+    with pytest.raises(StageError) as err:
+        job.finish()
+    message = str(err.value)
+    assert message.startswith("TFLite conversion failed:") and "\n" not in message
+    assert "protobuf" in message.lower() or "parse" in message.lower() or "onnx" in message.lower(), message
+    assert not any(p.exists() for p in outputs.values())
+
+
+def test_failed_run_leaves_no_finished_looking_model(tmp_path, monkeypatch):
+    """A failure after conversion (here: in the diagnose stage) must not leave a loadable
+    .tflite under its final name, nor anything still running or writing into the run."""
+    import threading
+
+    from edgestar import QuantizeConfig, quantize
+    from edgestar.errors import StageError
+    from edgestar.pipeline import quantize as pipeline
+
+    def broken(run):
+        raise StageError("diagnose broke")
+
+    monkeypatch.setattr(pipeline, "diagnose", broken)
+    run = tmp_path / "run"
+    with pytest.raises(StageError, match="diagnose broke"):
+        quantize(QuantizeConfig(variant="s050", weights="none", num_classes=10, img_size=32,
+                                calib_samples=8, eval_samples=16, out=run))
+    names = sorted(p.name for p in run.iterdir())
+    assert not [n for n in names if n.endswith((".tflite", ".onnx", ".json")) and n != "manifest.json"], names
+    assert "starnet_s050_32_int8.tflite.failed" in names and "convert.log" in names
+    assert ".incomplete" not in names
+    assert json.loads((run / "manifest.json").read_text())["status"] == "failed"
+    assert not [t for t in threading.enumerate() if t.name == "edgestar-send-ranges"]
 
 
 def test_distilled_calibration_needs_no_images(offline_env, trained_s050, tmp_path):

@@ -69,11 +69,37 @@ def test_summary_table_from_manifest():
 
 
 def test_failed_run_artifacts_are_quarantined(tmp_path):
+    """A file a failed run wrote never appears under its final name; logs keep theirs."""
     run = RunDir.create(tmp_path / "run")
-    model = run.path("m.tflite")
+    model = run.staged("m.tflite")
     model.write_bytes(b"complete but wrong")
     run.add_artifact("tflite_int8", model)
-    run.quarantine_artifacts()
-    assert not model.exists() and run.path("m.tflite.failed").exists()
+    run.staged("convert.log").write_text("the converter's log")
+    assert not run.path("m.tflite").exists()  # in progress: only the staged copy exists
+    run.fail()
+    assert not run.path("m.tflite").exists() and run.path("m.tflite.failed").exists()
+    assert run.path("convert.log").exists() and not run.path(".incomplete").exists()
     m = load_manifest(tmp_path / "run")
     assert m["status"] == "failed" and m["artifacts"]["tflite_int8"]["path"] == "m.tflite.failed"
+
+
+def test_finished_run_moves_artifacts_to_final_names(tmp_path):
+    run = RunDir.create(tmp_path / "run")
+    model = run.staged("m.tflite")
+    model.write_bytes(b"model")
+    run.add_artifact("tflite_int8", model)
+    run.staged(".m.tflite.123.tmp").write_bytes(b"half")  # a write that never finished
+    run.finish()
+    assert run.path("m.tflite").read_bytes() == b"model"
+    assert sorted(p.name for p in run.root.iterdir()) == ["m.tflite", "manifest.json"]
+    assert load_manifest(run.root)["artifacts"]["tflite_int8"]["path"] == "m.tflite"
+
+
+def test_written_files_get_default_permissions(tmp_path):
+    """Manifests and tables are as readable as the models beside them (not mkstemp's 0600)."""
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "manifest.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "manifest.json").stat().st_mode & 0o777 == 0o644

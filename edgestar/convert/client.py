@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -140,9 +141,10 @@ class Conversion:
         self._close()
 
     def wait(self) -> dict:
-        """Wait for the worker; raise StageError (naming the log) unless every output exists.
-        An INT8 job whose caller sent no ranges must have been told to calibrate itself."""
-        if "int8" in self.outputs and not any(
+        """Wait for the worker; raise StageError carrying the converter's own last error unless
+        every output exists. An INT8 job whose caller sent no ranges must have been told to
+        calibrate itself (or the worker would wait forever)."""
+        if self.running and "int8" in self.outputs and not any(
                 (self.work / f).exists() for f in (RANGES_MODEL, CALIBRATE_HERE)):
             raise RuntimeError("INT8 requested: call quantize_with() or calibrate_in_worker() first")
         try:
@@ -152,11 +154,15 @@ class Conversion:
         finally:
             self._close()
         if returncode != 0 or result is None or result.get("error"):
-            reason = (result or {}).get("error") or f"converter exited with code {returncode}"
-            raise StageError(f"TFLite conversion failed: {reason} (log: {self.log_path})")
+            reason = (result or {}).get("error") or f"the converter exited with code {returncode}"
+            cause = last_error_line(self.log_path)
+            if cause and cause not in reason:
+                reason += f": {cause}"
+            raise StageError(f"TFLite conversion failed: {reason} (log: {self.log_path.name})")
         missing = [fmt for fmt, p in self.outputs.items() if not Path(p).is_file()]
         if missing:
-            raise StageError(f"TFLite conversion did not produce {', '.join(missing)} (log: {self.log_path})")
+            raise StageError(f"TFLite conversion did not produce {', '.join(missing)} "
+                             f"(log: {self.log_path.name})")
         return result["formats"]
 
     def _close(self) -> None:
@@ -170,12 +176,13 @@ class Requantizer:
     asked: the float fallback of ``quantize --fallback`` tries a few sets in a row and pays
     the TensorFlow import once. Requests go through stdin, models come back as files."""
 
-    def __init__(self, calibrated: Path, io_type: str, log_path: Path):
+    def __init__(self, calibrated: Path, io_type: str, log_path: Path, *, timeout_s: float = 600.0):
         if io_type not in IO_TYPES:
             raise ValueError(f"unknown io type {io_type}")
         self._tmp = tempfile.TemporaryDirectory(prefix="edgestar-requantize-")
         self.work = Path(self._tmp.name)
         self._count = 0
+        self.timeout_s = timeout_s  # per request; one takes seconds even at 224 px
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgestar.convert.worker", "--requantize", str(calibrated), io_type],
@@ -188,11 +195,18 @@ class Requantizer:
         out = self.work / f"model{self._count}.tflite"
         self.proc.stdin.write((json.dumps({"keep_float": keep_float, "out": str(out)}) + "\n").encode())
         self.proc.stdin.flush()
-        while not out.exists() and self.proc.poll() is None:
+        deadline = time.monotonic() + self.timeout_s
+        while not out.exists() and self.proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         if not out.exists():
-            raise StageError(f"re-quantization failed (exit code {self.proc.returncode}; "
-                             f"log: {self._log.name})")
+            if self.proc.poll() is None:  # hung: it will not answer any more requests either
+                self.proc.kill()
+                self.proc.wait()
+                raise StageError(f"re-quantization did not finish within {self.timeout_s:.0f} s "
+                                 f"(log: {Path(self._log.name).name})")
+            cause = last_error_line(Path(self._log.name))
+            raise StageError(f"re-quantization failed (exit code {self.proc.returncode})"
+                             + (f": {cause}" if cause else "") + f" (log: {Path(self._log.name).name})")
         data = out.read_bytes()
         out.unlink()
         return data
@@ -213,6 +227,25 @@ class Requantizer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ERROR_WORDS = ("error", "exception", "failed", "invalid", "not supported", "unsupported")
+
+
+def last_error_line(log_path: Path, limit: int = 240) -> str | None:
+    """The last line of the converter's log that reads like an error (onnx2tf prints its
+    reasons in colour before it exits), without colour codes; None if there is none."""
+    try:
+        lines = Path(log_path).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        text = _ANSI.sub("", line).strip()
+        if text and not text.startswith(("File \"", "Traceback", "^")) and any(
+                w in text.lower() for w in _ERROR_WORDS):
+            return text[:limit]
+    return None
 
 
 def _worker_env() -> dict:

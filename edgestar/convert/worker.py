@@ -67,7 +67,7 @@ def _worker(spec_path: str) -> int:
             _finish(spec, "int8", model, {"seconds": round(time.perf_counter() - t0, 3),
                                           "ranges": source}, result)
     except SystemExit as exc:  # onnx2tf reports errors this way
-        result["error"] = f"onnx2tf stopped (exit code {exc.code}); see the log for its message"
+        result["error"] = f"onnx2tf stopped (exit code {exc.code})"  # the parent adds its reason
     except Exception as exc:  # anything TensorFlow raises: report one line, full trace in log
         import traceback
 

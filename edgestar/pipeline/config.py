@@ -50,6 +50,7 @@ class QuantizeConfig:
     target: str = "cpu"  # the runtime the graph is shaped for, see TARGETS
     eval: str | None = None  # None: the demo evaluation set, used with labels if classes match
     eval_samples: int | None = None
+    labels: str | None = None  # a label file for a flat --eval folder (see edgestar.data)
     io_type: str = "int8"
     formats: tuple[str, ...] = ()  # extra formats beyond fp32 and int8: "fp16", "dynamic"
     max_drop: float | None = None

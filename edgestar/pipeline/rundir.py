@@ -15,34 +15,65 @@ from edgestar.files import atomic_write_json, ensure_writable_dir
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+STAGING = ".incomplete"  # files of a run in progress; emptied when it ends
 
 
 class RunDir:
     """A run directory and its manifest; each stage records status, timing and outputs."""
 
-    def __init__(self, root: Path, manifest: dict):
-        self.root = Path(root)
+    def __init__(self, root: Path | None, manifest: dict):
+        self.root = Path(root) if root is not None else None
         self.manifest = manifest
 
     @classmethod
+    def pending(cls, **header) -> "RunDir":
+        """A run whose manifest is kept in memory until :meth:`open` creates the folder, so
+        that the input stages can fail without leaving one behind."""
+        return cls(None, {"manifest_version": MANIFEST_VERSION, **header, "status": "running",
+                          "stages": {}, "artifacts": {}, "metrics": {}, "timings_s": {}})
+
+    @classmethod
     def create(cls, root: Path, **header) -> "RunDir":
-        root = Path(root)
-        if root.exists() and root.is_dir() and any(root.iterdir()):
-            raise InputError(f"output folder {root} is not empty; choose a new --out")
-        ensure_writable_dir(root)
-        run = cls(root, {"manifest_version": MANIFEST_VERSION, **header,
-                         "status": "running", "stages": {}, "artifacts": {},
-                         "metrics": {}, "timings_s": {}})
-        run.save()
+        run = cls.pending(**header)
+        run.open(root)
         return run
 
+    @staticmethod
+    def check_new(root: Path) -> None:
+        """Refuse a ``root`` that holds files already (before any work is done)."""
+        root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise InputError(f"output folder {root} exists and is not a directory")
+        if root.is_dir() and any(root.iterdir()):
+            raise InputError(f"output folder {root} is not empty; choose a new --out")
+        existing = next(p for p in [root.absolute(), *root.absolute().parents] if p.exists())
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise InputError(f"output folder {root} cannot be created: {existing} is not writable")
+
+    def open(self, root: Path) -> None:
+        """Create the folder (new or empty) and write the manifest so far."""
+        self.check_new(root)
+        ensure_writable_dir(root)
+        self.root = Path(root)
+        self.save()
+
     def path(self, name: str) -> Path:
+        """Where ``name`` is once the run has ended (see :meth:`staged` while it runs)."""
         return self.root / name
 
+    def staged(self, name: str) -> Path:
+        """Where a stage writes ``name`` while the run is in progress: a hidden ``.incomplete``
+        folder, so that no file of an unfinished (or killed) run sits under its final name."""
+        folder = self.root / STAGING
+        folder.mkdir(exist_ok=True)
+        return folder / name
+
     def save(self) -> None:
-        atomic_write_json(self.root / MANIFEST, self.manifest)
+        if self.root is not None:  # a pending run keeps its manifest in memory
+            atomic_write_json(self.root / MANIFEST, self.manifest)
 
     def add_artifact(self, key: str, path: Path, **info) -> None:
+        """Record a finished file (written to :meth:`staged`) under ``key``."""
         from edgestar.models.checkpoints import sha256_file
 
         path = Path(path)
@@ -72,19 +103,33 @@ class RunDir:
             self.manifest["timings_s"][name] = seconds
             self.save()
 
-    def quarantine_artifacts(self) -> None:
-        """Rename every artifact of a failed run to ``<name>.failed`` and record that."""
-        for info in self.manifest["artifacts"].values():
-            src = self.root / info["path"]
-            if src.exists() and not info["path"].endswith(".failed"):
-                os.replace(src, src.with_name(src.name + ".failed"))
-                info["path"] += ".failed"
+    def finish(self, status: str = "ok") -> None:
+        """Move every staged file to its final name, then write the manifest (last)."""
+        self._unstage(suffix="")
+        self.manifest["status"] = status
+        self.save()
+
+    def fail(self) -> None:
+        """End a failed run: artifacts leave the staging folder as ``<name>.failed`` (logs keep
+        their names), and the manifest says ``failed``."""
+        self._unstage(suffix=".failed")
         self.manifest["status"] = "failed"
         self.save()
 
-    def finish(self, status: str = "ok") -> None:
-        self.manifest["status"] = status
-        self.save()
+    def _unstage(self, suffix: str) -> None:
+        folder = self.root / STAGING
+        if not folder.is_dir():
+            return
+        artifacts = {info["path"]: info for info in self.manifest["artifacts"].values()}
+        for src in sorted(folder.iterdir()):
+            if src.name.endswith((".tmp", ".partial")):  # a write that never completed
+                src.unlink()
+                continue
+            name = src.name + (suffix if src.name in artifacts else "")
+            os.replace(src, self.root / name)
+            if src.name in artifacts:
+                artifacts[src.name]["path"] = name
+        folder.rmdir()
 
 
 def load_manifest(root: Path) -> dict:

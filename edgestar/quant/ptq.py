@@ -274,3 +274,12 @@ def best_clip(hist: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
         if err < best_err:
             best, best_err = (float(c_lo), float(c_hi)), err
     return best
+
+
+def calibration_ranges(gm, batches_fn, *, mse: bool) -> dict[str, tuple[float, float]]:
+    """Each node's (min, max) over ``batches_fn()`` (NCHW batches); with ``mse`` the star
+    products and sums are then narrowed to their int8-error minimum (a second pass)."""
+    from edgestar.quant.ranges import node_ranges
+
+    ranges = node_ranges(gm, batches_fn())
+    return mse_ranges(gm, batches_fn(), ranges, range_nodes(gm)) if mse else ranges

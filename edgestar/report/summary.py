@@ -4,6 +4,9 @@ from __future__ import annotations
 from edgestar.quant.diagnose import format_rows
 
 
+ROW_NAMES = {"onnx": "onnx fp32", "tflite_mixed": "tflite int8+float"}  # the fallback's mixed model
+
+
 def summary_table(manifest: dict, out=None) -> str:
     """Format, size, top-1, drop and agreement of each artifact, from a manifest alone."""
     metrics = manifest["metrics"]
@@ -17,7 +20,7 @@ def summary_table(manifest: dict, out=None) -> str:
         top1 = stats.get("top1")
         drop = f"{(ref_top1 - top1) * 100:+.2f}" if None not in (top1, ref_top1) else "-"
         agree = stats.get("agreement")
-        rows.append((key.replace("tflite_", "tflite ").replace("onnx", "onnx fp32"),
+        rows.append((ROW_NAMES.get(key, key.replace("tflite_", "tflite ")),
                      f"{art['bytes']:,}", _pct(top1), drop if key != "onnx" else "-",
                      _pct(agree) if agree is not None else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -26,10 +29,18 @@ def summary_table(manifest: dict, out=None) -> str:
     lines.insert(1, "-" * len(lines[0]))
     parity = metrics.get("fp32_parity_max_abs")
     images = metrics.get("eval_images")
-    foot = f"{images} evaluation images" + ("" if metrics.get("eval_labelled") else " (unlabelled: no accuracy)")
+    foot = f"{images} evaluation images"
+    if str(metrics.get("eval_source", "")).startswith("demo images"):
+        foot += " (the CIFAR-10 demo set, not your data)"
+    if not metrics.get("eval_labelled"):
+        foot += " (labels not known to be the model's: no accuracy)"
     if parity is not None:
         foot += f"; FP32 TFLite vs PyTorch max |dlogit| {parity:.2e}"
-    tail = [foot]
+    # What makes the numbers above suspect is said right under them.
+    tail = [f"WARNING: {w}" for w in manifest.get("warnings", [])]
+    if manifest.get("inputs", {}).get("weights", {}).get("spec") == "none":
+        tail.append("NOTE: random weights (--weights none): these figures describe an untrained model")
+    tail.append(foot)
     drop_ci, agree_ci = metrics.get("int8_top1_drop_ci95_pt"), metrics.get("int8_agreement_ci95")
     if agree_ci:  # what these evaluation images can resolve
         tail.append("INT8 95 % intervals: " + (f"drop {drop_ci[0]:+.2f} to {drop_ci[1]:+.2f} pt, " if drop_ci else "")
