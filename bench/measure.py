@@ -2,13 +2,14 @@
 
     python bench/measure.py [--repeat N] -- edgestar quantize --variant s1 --weights demo
 
-Peak memory is reported two ways: the largest resident set of any single process
-(getrusage of waited-for children) and the peak of the summed RSS of the whole process tree,
-sampled every 50 ms (edgestar's converter runs as a child while the parent waits).
+Peak memory is reported two ways, both sampled every 50 ms over this run's process tree only:
+the peak of the summed RSS of the whole tree (edgestar's converter runs as a child while the
+parent works) and the largest RSS any single process of the tree reached. (getrusage's
+RUSAGE_CHILDREN is not used: it is a running maximum over every child this script ever
+waited for, so it would carry one run's peak into the next.)
 """
 import argparse
 import platform
-import resource
 import subprocess
 import sys
 import threading
@@ -17,28 +18,30 @@ import time
 import psutil
 
 
-def tree_rss(proc: psutil.Process) -> int:
-    total = 0
+def tree_rss(proc: psutil.Process) -> tuple[int, int]:
+    """(summed RSS, largest single RSS) of ``proc`` and its descendants now."""
+    sizes = []
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
+            sizes.append(p.memory_info().rss)
         except psutil.Error:
             pass
-    return total
+    return sum(sizes), max(sizes, default=0)
 
 
 def measure(cmd: list[str], env: dict | None = None) -> dict:
-    peak = 0
+    peak = peak_single = 0
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     ps = psutil.Process(proc.pid)
     done = threading.Event()
 
     def sample():
-        nonlocal peak
+        nonlocal peak, peak_single
         while not done.is_set():
             try:
-                peak = max(peak, tree_rss(ps))
+                total, single = tree_rss(ps)
+                peak, peak_single = max(peak, total), max(peak_single, single)
             except psutil.Error:
                 pass
             time.sleep(0.05)
@@ -49,11 +52,10 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     done.set()
     sampler.join()
     wall = time.perf_counter() - t0
-    max_single = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     lines = [line for line in err.strip().splitlines() if line.strip()]
     errors = [line for line in lines if "Error" in line] or lines
     error = errors[-1].strip()[:300] if proc.returncode != 0 and errors else None
-    return {"wall_s": wall, "peak_tree_rss_mb": peak / 2**20, "max_process_rss_mb": max_single,
+    return {"wall_s": wall, "peak_tree_rss_mb": peak / 2**20, "max_process_rss_mb": peak_single / 2**20,
             "returncode": proc.returncode, "error": error}
 
 

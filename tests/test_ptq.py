@@ -28,7 +28,7 @@ def _uneven(model):
     """Make the blocks' channels span very different ranges, as trained StarNets do."""
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        for block in ptq._blocks(model):
+        for block in ptq.blocks(model):
             for conv in (block.f2.conv, block.g.conv, block.dwconv.conv):
                 conv.weight.mul_(torch.exp(2 * torch.rand(conv.out_channels, generator=g)).reshape(-1, 1, 1, 1))
     return model

@@ -38,18 +38,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgestar.models.anatomy import blocks
 from edgestar.quant import EXACT
 
 MIN_CHANNEL_RANGE = 1e-2  # channels narrower than this fraction of the widest are not blown up
 MAX_FACTOR = 64.0  # largest rescaling factor either way
 MSE_BINS = 4096
 MSE_CANDIDATES = np.geomspace(0.02, 1.0, 100)  # fractions of the min/max range tried
-
-
-def _blocks(model: nn.Module):
-    from edgestar.models.starnet import Block
-
-    return [m for m in model.modules() if isinstance(m, Block)]
 
 
 @dataclass
@@ -70,7 +65,7 @@ class _ChannelStats:
 @torch.no_grad()
 def channel_stats(model: nn.Module, batches) -> dict[nn.Module, _ChannelStats]:
     """Per-channel max |value| of each block's dwconv, f2, product and g outputs."""
-    stats = {b: _ChannelStats() for b in _blocks(model)}
+    stats = {b: _ChannelStats() for b in blocks(model)}
     hooks = []
     for block, s in stats.items():
         hooks += [

@@ -42,7 +42,6 @@ from edgestar.errors import InputError
 
 INT8_MIN, INT8_MAX = -128, 127
 WEIGHT_MAX = 127  # symmetric weights use [-127, 127]
-FUSED_ACTIVATIONS = (nn.ReLU6, nn.ReLU)
 
 
 @dataclass(frozen=True)
@@ -175,6 +174,7 @@ def quantized_nodes(gm) -> list[str]:
     or ReLU (TFLite fuses the activation; the activation's output is the stored tensor) and
     value-preserving modules (identity, flatten), which share their input's tensor.
     """
+    from edgestar.models.anatomy import fusable_activations
     from edgestar.quant.ranges import aliases
 
     modules = dict(gm.named_modules())
@@ -188,7 +188,7 @@ def quantized_nodes(gm) -> list[str]:
             continue
         users = list(node.users)
         if (isinstance(module, (nn.Conv2d, nn.Linear)) and len(users) == 1
-                and users[0].op == "call_module" and isinstance(modules.get(users[0].target), FUSED_ACTIVATIONS)):
+                and users[0].op == "call_module" and isinstance(modules.get(users[0].target), fusable_activations())):
             continue
         names.append(node.name)
     return names
