@@ -2,20 +2,38 @@
 
 Every stage (training, calibration, evaluation, conversion) reads data through this module so
 that the preprocessing a model was trained with is the one it is calibrated and validated with.
+Finding images on disk lives in :mod:`edgestar.data.folders`, label files in
+:mod:`edgestar.data.labels`, checks on ``.npy`` arrays in :mod:`edgestar.data.arrays`; their
+public names are exported from here too.
 """
 from __future__ import annotations
 
 import math
 import os
 import random
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from edgestar.data import arrays
+from edgestar.data.folders import (IMAGE_EXTENSIONS, ImageFolder, list_images, scan_image_folder,
+                                   scan_labelled_folder)
+from edgestar.data.labels import (LABELS_FILE_AND_INDEX, LABELS_FILE_AND_NAME, LABELS_FROM_FOLDERS,
+                                  LABELS_INDEX_PER_LINE, LABELS_NONE)
 from edgestar.errors import DataError, InputError
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+__all__ = [
+    "IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "DEMO_DIR", "Preprocessing",
+    "load_rgb", "preprocess_image", "normalize",
+    "ImageFolder", "scan_image_folder", "scan_labelled_folder", "list_images",
+    "LABELS_FROM_FOLDERS", "LABELS_FILE_AND_NAME", "LABELS_FILE_AND_INDEX", "LABELS_INDEX_PER_LINE",
+    "LABELS_NONE",
+    "subsample", "load_batch", "load_images", "load_array", "batches", "save_nhwc", "read_batches",
+    "demo_split", "FEW_CALIBRATION_IMAGES", "calibration_inputs", "qat_images", "evaluation_set",
+]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -61,31 +79,60 @@ def load_rgb(path: Path):
 
     Grayscale, palette, CMYK and alpha images go through PIL's RGB conversion (alpha is
     dropped, as torchvision/timm loaders do). 16-bit and 32-bit integer images are scaled to
-    8 bits first: PIL's own conversion would clip them to white.
+    8 bits first: PIL's own conversion would clip them to white. Animations give their first
+    frame. EXIF orientation is applied, so photos come out upright as viewers show them
+    (torchvision's loader does not do this). Images above Pillow's decompression-bomb limit
+    are refused, the limit left as it is.
     """
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-                arr = np.asarray(im, dtype=np.float64)
-                peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-                arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-                return Image.fromarray(arr, "L").convert("RGB")
-            if im.mode == "F":
-                arr = np.asarray(im, dtype=np.float64)
-                peak = 1.0 if arr.max() <= 1.0 else 255.0
-                arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-                return Image.fromarray(arr, "L").convert("RGB")
-            if im.mode == "P" and "transparency" in im.info:
-                im = im.convert("RGBA")
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x its pixel limit; make that a refusal too.
+            # (catch_warnings changes process-wide filters, so not for concurrent threads;
+            # images are decoded on one thread per process here.)
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()  # the first frame of an animation
+                return _as_rgb(_upright(im))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"image {path} is too large to decode safely: {_short(exc)}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"cannot read image {path}: {_short(exc)}") from None
 
 
+def _upright(im):
+    """``im`` turned as its EXIF orientation tag says (phone photos are often stored sideways)."""
+    from PIL import ImageOps
+
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # a corrupt EXIF block raises anything; viewers then show the pixels as stored
+        return im
+    return ImageOps.exif_transpose(im) if orientation in range(2, 9) else im
+
+
+def _as_rgb(im):
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        peak = 1.0 if arr.max() <= 1.0 else 255.0
+        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im.convert("RGB")
+
+
 def _short(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:  # "Permission denied", without the repeated path
+        return exc.strerror
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -120,59 +167,7 @@ def normalize(images_nhwc_uint8: np.ndarray, pre: Preprocessing) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-# --------------------------------------------------------------------------- image folders
-
-@dataclass
-class ImageFolder:
-    """``root/<class>/<image>`` listing, classes sorted by name (torchvision's convention)."""
-
-    root: Path
-    classes: list[str]
-    samples: list[tuple[Path, int]]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-
-def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-
-
-def scan_image_folder(root: str | os.PathLike, *, what: str = "image folder") -> ImageFolder:
-    root = Path(root)
-    if not root.exists():
-        raise DataError(f"{what} {root} does not exist")
-    if not root.is_dir():
-        raise DataError(f"{what} {root} is not a directory")
-    try:
-        class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    except PermissionError:
-        raise DataError(f"{what} {root} is not readable") from None
-    if not class_dirs:
-        raise DataError(
-            f"{what} {root} has no class sub-folders (expected {root}/<class>/<image files>)"
-        )
-    samples = []
-    for idx, d in enumerate(class_dirs):
-        files = sorted(p for p in d.rglob("*") if _is_image(p))
-        samples.extend((p, idx) for p in files)
-    if not samples:
-        raise DataError(f"{what} {root} contains no image files")
-    return ImageFolder(root, [d.name for d in class_dirs], samples)
-
-
-def list_images(root: str | os.PathLike, *, what: str = "image folder") -> list[Path]:
-    """All images under ``root`` (recursively); labels not needed (calibration)."""
-    root = Path(root)
-    if not root.exists():
-        raise DataError(f"{what} {root} does not exist")
-    if not root.is_dir():
-        raise DataError(f"{what} {root} is not a directory")
-    files = sorted(p for p in root.rglob("*") if _is_image(p))
-    if not files:
-        raise DataError(f"{what} {root} contains no image files")
-    return files
-
+# --------------------------------------------------------------------------- subsets and batches
 
 def subsample(items: list, n: int | None, seed: int = 0) -> list:
     """A deterministic, class-mixed subset of ``n`` items (all when n is None or >= len)."""
@@ -200,31 +195,28 @@ def load_images(paths, pre: Preprocessing, *, progress=None, batch: int = 256) -
 
 # --------------------------------------------------------------------------- arrays
 
-def load_array(path: str | os.PathLike, pre: Preprocessing) -> np.ndarray:
+def load_array(path: str | os.PathLike, pre: Preprocessing, *, what: str = "array",
+               notes: list[str] | None = None) -> np.ndarray:
     """A ``.npy`` of images: uint8 NxHxWx3 RGB pixels (preprocessed here, H and W must equal
-    the model size) or float32 Nx3xSxS model inputs already preprocessed."""
+    the model size) or float32 Nx3xSxS model inputs already preprocessed.
+
+    Refused (DataError): other shapes and dtypes (float64 included), no images, NaN/Inf, a
+    constant array. Values this model's preprocessing cannot produce (un-normalized pixels)
+    are appended to ``notes``; without a ``notes`` list they are issued as warnings.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"array file {path} does not exist")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise DataError(f"cannot read array {path}: {_short(exc)}") from None
-    s = pre.img_size
-    if arr.ndim == 4 and arr.dtype == np.uint8 and arr.shape[3] == 3:
-        if arr.shape[1:3] != (s, s):
-            raise DataError(
-                f"array {path} holds {arr.shape[1]}x{arr.shape[2]} images; the model takes {s}x{s}"
-            )
-        return normalize(arr, pre)
-    if arr.ndim == 4 and arr.dtype.kind == "f" and arr.shape[1:] == (3, s, s):
-        if not np.isfinite(arr).all():
-            raise DataError(f"array {path} contains NaN or infinite values")
-        return arr.astype(np.float32)
-    raise DataError(
-        f"array {path} has shape {arr.shape} and dtype {arr.dtype}; expected uint8 Nx{s}x{s}x3 "
-        f"RGB images or float32 Nx3x{s}x{s} preprocessed inputs"
-    )
+    arr = arrays.read_npy(path, what)
+    kind = arrays.layout(arr, pre.img_size, path, what)
+    low, high = arrays.check_values(arr, path, what)
+    if kind == arrays.INPUTS:
+        arrays.require_float32(arr, path, what)
+    found = arrays.range_notes(kind, low, high, pre.mean, pre.std, path, what)
+    if notes is not None:
+        notes.extend(found)
+    else:
+        for note in found:
+            warnings.warn(note, stacklevel=2)
+    return normalize(arr, pre) if kind == arrays.PIXELS else arr
 
 
 def batches(x: np.ndarray, size: int):
@@ -269,31 +261,50 @@ def demo_split(split: str) -> Path:
     return path
 
 
+# Below this many images, per-tensor ranges (and percentiles above all) rest on too few values.
+FEW_CALIBRATION_IMAGES = 100
+
+
 def calibration_inputs(source: str, pre: Preprocessing, *, samples: int | None,
                        seed: int = 0, progress_factory=None) -> tuple[np.ndarray, dict]:
     """Float32 NCHW calibration inputs from ``demo``, an image folder or a ``.npy`` file.
 
-    Returns the array and a description (resolved path, count) for the manifest.
+    Returns the array and a description for the manifest: ``source`` (resolved path),
+    ``kind`` ("npy" or "images"), ``requested`` (``samples``; None = all), ``count`` (how
+    many were used) and ``notes`` (strings the caller should show the user: suspicious
+    values, fewer images than requested, skipped files).
     """
     if samples is not None and samples < 1:
         raise InputError(f"calibration samples must be at least 1, got {samples}")
     if source == "demo":
         source = str(demo_split("calib"))
     path = Path(source)
+    notes: list[str] = []
     if path.suffix.lower() == ".npy":
-        arr = load_array(path, pre)
-        if len(arr) == 0:
-            raise DataError(f"calibration array {path} is empty")
-        idx = subsample(list(range(len(arr))), samples, seed)
-        return arr[idx], {"source": str(path.resolve()), "kind": "npy", "count": len(idx)}
-    files = subsample(list_images(path, what="calibration folder"), samples, seed)
-    bar = progress_factory(len(files), "calibration images") if progress_factory else None
-    try:
-        arr = load_images(files, pre, progress=bar)
-    finally:
-        if bar is not None:
-            bar.close()
-    return arr, {"source": str(path.resolve()), "kind": "images", "count": len(files)}
+        arr = load_array(path, pre, what="calibration array", notes=notes)
+        arr, kind = arr[subsample(list(range(len(arr))), samples, seed)], "npy"
+    else:
+        files = subsample(list_images(path, what="calibration folder", notes=notes), samples, seed)
+        bar = progress_factory(len(files), "calibration images") if progress_factory else None
+        try:
+            arr, kind = load_images(files, pre, progress=bar), "images"
+        finally:
+            if bar is not None:
+                bar.close()
+    notes.extend(_count_notes(len(arr), samples))
+    return arr, {"source": str(path.resolve()), "kind": kind, "requested": samples,
+                 "count": len(arr), "notes": notes}
+
+
+def _count_notes(count: int, requested: int | None) -> list[str]:
+    images = f"{count} calibration image{'s' if count != 1 else ''}"
+    few = count < FEW_CALIBRATION_IMAGES
+    if requested is not None and count < requested:
+        return [f"only {images} ({requested} asked for)"
+                + (": INT8 ranges from so few images are unreliable" if few else "")]
+    if requested is None and few:
+        return [f"only {images}: INT8 ranges from so few images are unreliable"]
+    return []
 
 
 def qat_images(source: str) -> ImageFolder:
@@ -304,16 +315,27 @@ def qat_images(source: str) -> ImageFolder:
     path = Path(source)
     if path.suffix.lower() == ".npy":
         raise InputError(f"QAT trains on image files, not an array ({path}); pass --train DIR")
-    files = list_images(path, what="QAT training folder")
-    return ImageFolder(path, [], [(f, 0) for f in files])
+    notes: list[str] = []
+    files = list_images(path, what="QAT training folder", notes=notes)
+    return ImageFolder(path, [], [(f, 0) for f in files], labels_source=LABELS_NONE, notes=notes)
 
 
-def evaluation_set(source: str, *, samples: int | None = None, seed: int = 0) -> ImageFolder:
+def evaluation_set(source: str, *, labels: str | os.PathLike | None = None,
+                   samples: int | None = None, seed: int = 0) -> ImageFolder:
+    """The labelled evaluation images: ``demo``, a folder of class sub-folders, or (with
+    ``labels``, a label file) a flat folder of images; see :mod:`edgestar.data.labels`.
+
+    The result's ``labels_source`` says how labels were read and ``notes`` what the user
+    should hear about (empty class folders, label indices that never use class 0, ...).
+    """
+    if samples is not None and samples < 1:
+        raise InputError(f"evaluation samples must be at least 1, got {samples}")
     if source == "demo":
         source = str(demo_split("eval"))
-    folder = scan_image_folder(source, what="evaluation folder")
+    if labels is None:
+        folder = scan_image_folder(source, what="evaluation folder")
+    else:
+        folder = scan_labelled_folder(source, labels, what="evaluation folder")
     if samples is not None:
-        if samples < 1:
-            raise InputError(f"evaluation samples must be at least 1, got {samples}")
-        folder = ImageFolder(folder.root, folder.classes, subsample(folder.samples, samples, seed))
+        folder = replace(folder, samples=subsample(folder.samples, samples, seed))
     return folder
