@@ -52,6 +52,28 @@ def test_explicit_eval_with_other_class_names_is_refused():
         evaluation_images(config(eval="demo"), 10, [f"c{i}" for i in range(10)], demo_model=False)
 
 
+def test_flat_folder_with_index_label_file_is_scored(tmp_path):
+    """ImageNet-style: images in one folder, one class index per line in sorted name order."""
+    from PIL import Image
+
+    flat = tmp_path / "val"
+    flat.mkdir()
+    for i in range(4):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(flat / f"img_{i}.png")
+    (tmp_path / "gt.txt").write_text("0\n3\n1\n3\n")
+    ev = evaluation_images(config(eval=str(flat), labels=str(tmp_path / "gt.txt"), eval_samples=None),
+                           10, DEMO_CLASSES, demo_model=False)
+    assert ev.labelled and "label file" in ev.why
+    assert [label for _, label in ev.folder.samples] == [0, 3, 1, 3]
+
+
+def test_labels_without_eval_is_an_input_error():
+    from edgestar.pipeline.config import check_config
+
+    with pytest.raises(InputError, match="--labels .* --eval"):
+        check_config(config(labels="gt.txt"))
+
+
 # --------------------------------------------------------------------------- gate and fallback
 
 def fake_run(tmp_path, cfg, **fields) -> Run:

@@ -94,6 +94,8 @@ def check_config(config: QuantizeConfig) -> None:
         if source != "demo" and (Path(source).suffix.lower() == ".npy" or not Path(source).is_dir()):
             raise InputError(f"--qat trains on a folder of images; {source} is not one (pass --train DIR)")
         qat_options(config).validate()
+    if config.labels is not None and config.eval is None:
+        raise InputError("--labels names the labels of an --eval folder; pass --eval DIR too")
     if config.fallback not in FALLBACKS:
         raise InputError(f"unknown fallback {config.fallback!r}; choose one of {', '.join(FALLBACKS)}")
     if config.fallback != "none" and config.max_drop is None:

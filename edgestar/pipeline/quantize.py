@@ -217,8 +217,12 @@ def evaluation_data(run: Run) -> None:
         rec.update(source=str(folder.root), images=len(folder), labelled=ev.labelled, labels=ev.why)
         run.manifest["inputs"]["evaluation"] = {
             "source": str(folder.root.resolve()), "count": len(folder), "labelled": ev.labelled,
-            "labels": ev.why, "classes": list(folder.classes), "demo_images_for_another_model": ev.demo,
+            "labels": ev.why, "labels_source": folder.labels_source,
+            "label_file": str(folder.label_file) if folder.label_file else None, "classes": list(folder.classes), "demo_images_for_another_model": ev.demo,
             "sha256": files_digest([p for p, _ in folder.samples], folder.root)}
+    run.log(f"evaluation images: {len(folder)} from {folder.root} ({folder.labels_source}); "
+            + ("accuracy is reported: " if ev.labelled else "no accuracy: ") + ev.why)
+    run.notes.extend(folder.notes)
     if not ev.labelled:
         run.notes.append(f"no accuracy is reported: {ev.why}; pass --eval DIR with labelled "
                          "images of the model's classes")

@@ -36,20 +36,22 @@ def evaluation_images(config, num_classes: int, class_names, *, demo_model: bool
     """
     explicit = config.eval is not None
     source = config.eval if explicit else "demo"
-    folder = evaluation_set(source, samples=config.eval_samples, seed=config.seed,
-                            **({"labels": config.labels} if getattr(config, "labels", None) else {}))
+    folder = evaluation_set(source, labels=config.labels, samples=config.eval_samples, seed=config.seed)
     demo = source == "demo"
     names_match = bool(class_names) and list(class_names) == list(folder.classes)
     if explicit:
-        if len(folder.classes) != num_classes:
-            raise InputError(f"evaluation folder {folder.root} has {len(folder.classes)} classes "
-                             f"but the model has {num_classes}")
-        if class_names and not names_match and not _numeric(folder.classes):
-            raise InputError(f"evaluation folder {folder.root} names its classes {folder.classes[:3]}..., "
+        # Class indices from a label file need not use every class; names must match in full.
+        fits = (len(folder.classes) <= num_classes if folder.indexed_labels
+                else len(folder.classes) == num_classes)
+        if not fits:
+            raise InputError(f"evaluation set {folder.root} has {len(folder.classes)} classes "
+                             f"({folder.labels_source}) but the model has {num_classes}")
+        if class_names and not names_match and not folder.indexed_labels:
+            raise InputError(f"evaluation set {folder.root} names its classes {folder.classes[:3]}..., "
                              f"the checkpoint {list(class_names)[:3]}...; labels would be misread")
         labelled = True
-        why = ("the checkpoint's class names match the folder's" if names_match else
-               "--eval was given: its classes are taken to be the model's, in sorted order")
+        why = ("the checkpoint's class names match the evaluation set's" if names_match else
+               f"--eval was given: its classes ({folder.labels_source}) are taken to be the model's")
     elif names_match:
         labelled, why = True, "the checkpoint's class names are the demo set's"
     else:
@@ -60,11 +62,6 @@ def evaluation_images(config, num_classes: int, class_names, *, demo_model: bool
         raise InputError(f"--max-drop needs accuracy, and {why}: pass --eval DIR with the "
                          f"model's {num_classes} classes")
     return EvaluationImages(folder, labelled, why, demo and not demo_model)
-
-
-def _numeric(classes) -> bool:
-    """Classes given as indices by a label file (no names to compare)."""
-    return all(str(c).isdigit() for c in classes)
 
 
 def reference_logits(models: dict, folder, pre, progress_factory, batch: int) -> dict[str, np.ndarray]:
