@@ -37,7 +37,29 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-DEMO_DIR = Path(__file__).resolve().parents[2] / "calib" / "cifar10_demo"
+# The demo set lives in the repository's calib/ folder, which setup.cfg installs as the package
+# edgestar._demo_data. A source checkout (PYTHONPATH or an editable install) reads its own
+# calib/ first: there, importing edgestar._demo_data could reach another checkout's copy through
+# that checkout's editable-install finder, or nothing at all.
+DEMO_PACKAGE = "edgestar._demo_data"
+
+
+def _find_demo_dir() -> Path | None:
+    """This checkout's ``calib/cifar10_demo``, else the installed package data, else None."""
+    import importlib.resources  # only this lookup needs it
+
+    repository = Path(__file__).resolve().parents[2]  # site-packages when installed from a wheel
+    if (repository / "setup.cfg").is_file() and (repository / "calib" / "cifar10_demo").is_dir():
+        return repository / "calib" / "cifar10_demo"
+    try:
+        installed = importlib.resources.files(DEMO_PACKAGE) / "cifar10_demo"
+    except ModuleNotFoundError:
+        return None
+    # Wheels install plain files; a zipped installation would need extracting first.
+    return installed if isinstance(installed, Path) and installed.is_dir() else None
+
+
+DEMO_DIR = _find_demo_dir()
 
 
 @dataclass(frozen=True)
@@ -255,6 +277,10 @@ def read_batches(path: str | os.PathLike, size: int):
 # --------------------------------------------------------------------------- named sources
 
 def demo_split(split: str) -> Path:
+    """The folder of the shipped demo set's ``calib`` (500 images) or ``eval`` (1,000) split."""
+    if DEMO_DIR is None:
+        raise InputError(f"the demo data set is missing from this installation (package "
+                         f"{DEMO_PACKAGE} not found): reinstall edgestar")
     path = DEMO_DIR / split
     if not path.is_dir():
         raise InputError(f"the demo data set is missing from this installation ({path})")
