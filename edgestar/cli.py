@@ -104,18 +104,22 @@ def cli():
 @click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="Resize to img_size/crop_pct, then center crop (1.0 = resize only).")
 @click.option("--weights", default="none", show_default=True, metavar="none|official|demo|PATH",
-              help="Initial weights to fine-tune from.")
+              help="Initial weights to fine-tune from; a classifier for another number of classes "
+                   "is replaced by a new one for the --data classes.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--half", is_flag=True, help="Store the checkpoint in half precision.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, hidden=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Checkpoint file to write [default: runs/<variant>-train-<time>/model.pt].")
+@click.option("--force", is_flag=True, help="Overwrite the --out file if it exists.")
 @quiet_option
 def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, drop_path,
-          crop_pct, weights, seed, half, max_steps, out, quiet):
+          crop_pct, weights, seed, half, max_steps, out, force, quiet):
     """Train or fine-tune StarNet on an image folder."""
-    from edgestar import TrainConfig, demo_split
+    from edgestar import InputError, TrainConfig, demo_split
     from edgestar import train as run_train
+    from edgestar.files import ensure_writable_dir
+    from edgestar.pipeline.train import percent
 
     if data == "demo":
         data = str(demo_split("calib"))
@@ -123,8 +127,9 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
     if val == "demo":
         val = str(demo_split("eval"))
     out = Path(out) if out else Path("runs") / f"{variant}-train-{_timestamp()}" / "model.pt"
-    from edgestar.files import ensure_writable_dir
-
+    # Refuse before training, not after minutes of it.
+    if out.exists() and not force:
+        raise InputError(f"--out {out} already exists; pass --force to overwrite it")
     ensure_writable_dir(out.parent)
     cfg = TrainConfig(variant=variant, img_size=img_size, epochs=epochs, batch_size=batch_size,
                       lr=lr, weight_decay=weight_decay, drop_path_rate=drop_path, seed=seed,
@@ -133,7 +138,7 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
     summary = run_train(cfg, data=data, out=out, val=val, weights=weights, half=half,
                         progress_factory=progress_factory(quiet), log=log)
     top1 = summary["val_top1"]
-    click.echo(f"wrote {out}" + (f" (held-out top-1 {top1:.4f})" if top1 is not None else ""))
+    click.echo(f"wrote {out}" + (f" (held-out top-1 {percent(top1)})" if top1 is not None else ""))
 
 
 @cli.command()

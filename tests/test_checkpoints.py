@@ -7,7 +7,8 @@ import torch
 from edgestar.data.images import Preprocessing
 from edgestar.errors import CheckpointError, InputError
 from edgestar.models import checkpoints
-from edgestar.models.checkpoints import build_model, read_checkpoint, resolve_weights, save_checkpoint
+from edgestar.models.checkpoints import (build_model, build_model_for_finetuning, read_checkpoint,
+                                          resolve_weights, save_checkpoint)
 from edgestar.models.starnet import create_model
 
 
@@ -153,3 +154,125 @@ def test_official_weights_come_from_cache(tmp_path, monkeypatch):
     assert resolve_weights("official", "s1") == cached
     model, _ = build_model("s1", "official")
     assert model.num_classes == 1000
+
+
+# --------------------------------------------------------------------------- malformed edgestar files
+
+_DROP = object()  # a field to leave out
+
+
+def _edgestar_dict(model, **changes):
+    obj = {"format": "edgestar", "variant": "s050", "num_classes": model.num_classes,
+           "class_names": [f"c{i}" for i in range(model.num_classes)],
+           "preprocessing": Preprocessing(32, crop_pct=1.0).to_dict(),
+           "state_dict": model.state_dict()}
+    obj.update(changes)
+    return {k: v for k, v in obj.items() if v is not _DROP}
+
+
+
+@pytest.mark.parametrize("changes,fragment", [
+    ({"state_dict": _DROP}, "has no state_dict"),
+    ({"state_dict": [1, 2]}, "state_dict that is not"),
+    ({"state_dict": {}}, "state_dict that is not"),
+    ({"state_dict": {"head.weight": "not a tensor"}}, "state_dict that is not"),
+    ({"num_classes": "10"}, "num_classes '10'"),
+    ({"num_classes": 10.0}, "num_classes 10.0"),
+    ({"num_classes": 7}, "num_classes 7 but its classifier has 10"),
+    ({"class_names": "abcdefghij"}, "class_names that are not a list of strings"),
+    ({"class_names": list(range(10))}, "class_names that are not a list of strings"),
+    ({"class_names": ["a", "b"]}, "2 class_names for 10 classes"),
+    ({"variant": 1}, "variant 1"),
+])
+def test_malformed_edgestar_checkpoint_is_one_clear_line(tmp_path, tiny_model, changes, fragment):
+    path = tmp_path / "damaged.pt"
+    torch.save(_edgestar_dict(tiny_model, **changes), path)
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path)
+    msg = str(info.value)
+    assert str(path) in msg and fragment in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("pre,fragment", [
+    ({"mean": [0.5] * 3, "std": [0.5] * 3}, "no img_size"),
+    ({"img_size": "32"}, "img_size '32' is not a positive integer"),
+    ({"img_size": 32.5}, "img_size 32.5"),
+    ({"img_size": -32}, "img_size -32"),
+    ({"img_size": 100}, "img_size 100, not a multiple of 32"),
+    ({"img_size": 32, "mean": [0.5, 0.5]}, "mean [0.5, 0.5] is not 3 numbers"),
+    ({"img_size": 32, "std": [0.2, 0.2, 0.2, 0.2]}, "std [0.2, 0.2, 0.2, 0.2] is not 3 numbers"),
+    ({"img_size": 32, "std": [0.2, 0.0, 0.2]}, "std [0.2, 0.0, 0.2] has a value that is not positive"),
+    ({"img_size": 32, "crop_pct": 0}, "crop_pct 0"),
+    ({"img_size": 32, "interpolation": "cubic-ish"}, "interpolation 'cubic-ish'"),
+    ("224", "preprocessing is a str"),
+])
+def test_bad_preprocessing_names_the_checkpoint(tmp_path, tiny_model, pre, fragment):
+    path = tmp_path / "badpre.pt"
+    torch.save(_edgestar_dict(tiny_model, preprocessing=pre), path)
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path)
+    msg = str(info.value)
+    assert str(path) in msg and fragment in msg and "\n" not in msg
+
+
+def test_preprocessing_from_dict_roundtrip_and_defaults():
+    pre = Preprocessing(64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), crop_pct=1.0,
+                        interpolation="bilinear")
+    assert Preprocessing.from_dict(pre.to_dict()) == pre
+    assert Preprocessing.from_dict({"img_size": 224}) == Preprocessing(224)
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+def _non_head(state):
+    return {k: v for k, v in state.items() if k not in ("head.weight", "head.bias")}
+
+
+def test_finetuning_replaces_a_head_with_another_class_count(tmp_path, tiny_model):
+    path = tmp_path / "ten.pt"
+    torch.save(tiny_model.state_dict(), path)
+    model, ckpt, head_replaced = build_model_for_finetuning("s050", str(path), 3)
+    assert head_replaced and ckpt.source == str(path)
+    assert model.num_classes == 3 and model.head.weight.shape == (3, tiny_model.num_features)
+    for k, v in _non_head(tiny_model.state_dict()).items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_finetuning_loads_everything_when_class_counts_match(tmp_path, tiny_model):
+    path = tmp_path / "ten.pt"
+    torch.save(tiny_model.state_dict(), path)
+    model, _, head_replaced = build_model_for_finetuning("s050", str(path), 10)
+    assert not head_replaced
+    for k, v in tiny_model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_finetuning_from_a_checkpoint_without_classifier(tmp_path, tiny_model):
+    path = tmp_path / "backbone.pt"
+    torch.save(_non_head(tiny_model.state_dict()), path)
+    model, _, head_replaced = build_model_for_finetuning("s050", str(path), 4)
+    assert head_replaced and model.num_classes == 4
+
+
+def test_finetuning_still_refuses_another_variant(tmp_path, tiny_model):
+    path = tmp_path / "s050.pt"
+    torch.save(tiny_model.state_dict(), path)
+    with pytest.raises(CheckpointError, match="does not fit StarNet-s1.*missing"):
+        build_model_for_finetuning("s1", str(path), 3)
+
+
+@pytest.mark.parametrize("weights", ["none", "file"])
+def test_finetuning_model_gets_the_drop_path_rate(tmp_path, tiny_model, weights):
+    if weights == "file":
+        weights = str(tmp_path / "ten.pt")
+        torch.save(tiny_model.state_dict(), weights)
+    model, _, _ = build_model_for_finetuning("s050", weights, 10, drop_path_rate=0.2)
+    rates = [block.drop_path_rate for stage in model.stages for block in list(stage)[1:]]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2)
+
+
+def test_build_model_passes_drop_path_rate(tmp_path, tiny_model):
+    path = tmp_path / "ten.pt"
+    torch.save(tiny_model.state_dict(), path)
+    model, _ = build_model("s050", str(path), drop_path_rate=0.1)
+    assert model.stages[-1][-1].drop_path_rate == pytest.approx(0.1)

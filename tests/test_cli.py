@@ -234,3 +234,115 @@ def test_library_rejects_bad_qat_options(tmp_path, field, value, fragment):
     with pytest.raises(InputError, match=fragment):
         pipeline.quantize(config)
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- train: fine-tuning, --out, output
+
+FAST_TRAIN = ("--variant", "s050", "--data", "demo", "--epochs", "1", "--max-steps", "2",
+              "--batch-size", "16")
+
+
+def train_cli(*args):
+    return run("train", *FAST_TRAIN, *args)
+
+
+def _edgestar_ckpt(path, num_classes):
+    from edgestar.data.images import Preprocessing
+    from edgestar.models.checkpoints import save_checkpoint
+    from edgestar.models.starnet import create_model
+
+    torch.manual_seed(1)
+    save_checkpoint(path, create_model("s050", num_classes=num_classes), variant="s050",
+                    preprocessing=Preprocessing(32, crop_pct=1.0))
+    return path
+
+
+def _trainable_backbone(state_or_model):
+    """Parameters outside the classifier (BatchNorm running statistics move in any training)."""
+    from edgestar.models.starnet import create_model
+
+    names = {n for n, _ in create_model("s050").named_parameters() if not n.startswith("head.")}
+    state = state_or_model if isinstance(state_or_model, dict) else state_or_model.state_dict()
+    return {k: v.float() for k, v in state.items() if k in names}
+
+
+def test_train_finetunes_weights_with_another_class_count(tmp_path):
+    start = _edgestar_ckpt(tmp_path / "imagenet.pt", 1000)
+    # A negligible learning rate: the written backbone must still be the checkpoint's.
+    result = train_cli("--weights", start, "--lr", "1e-9", "--out", tmp_path / "m.pt")
+    assert result.exit_code == 0, result.output
+    assert "head replaced: checkpoint has 1000 classes, data has 10" in result.output
+    assert "--num-classes" not in result.output
+    from edgestar.models.checkpoints import read_checkpoint
+
+    tuned, original = read_checkpoint(tmp_path / "m.pt"), read_checkpoint(start)
+    assert tuned.num_classes == 10 and tuned.state_dict["head.weight"].shape[0] == 10
+    before, after = _trainable_backbone(original.state_dict), _trainable_backbone(tuned.state_dict)
+    assert before.keys() == after.keys() and len(before) > 10
+    for k in before:
+        assert torch.allclose(before[k], after[k], atol=1e-5), k
+
+
+def test_train_same_class_count_loads_the_head_too(tmp_path):
+    start = _edgestar_ckpt(tmp_path / "ten.pt", 10)
+    result = train_cli("--weights", start, "--lr", "1e-9", "--out", tmp_path / "m.pt")
+    assert result.exit_code == 0, result.output
+    assert "head replaced" not in result.output
+    from edgestar.models.checkpoints import read_checkpoint
+
+    tuned, original = read_checkpoint(tmp_path / "m.pt"), read_checkpoint(start)
+    assert torch.allclose(tuned.state_dict["head.weight"], original.state_dict["head.weight"], atol=1e-5)
+
+
+def test_train_finetuning_keeps_drop_path(tmp_path, monkeypatch):
+    from edgestar.models import checkpoints
+    from edgestar.pipeline import train as train_module
+
+    trained = []  # the model train() writes
+
+    def recording(path, model, **kwargs):
+        trained.append(model)
+        return checkpoints.save_checkpoint(path, model, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", recording)
+    start = _edgestar_ckpt(tmp_path / "ten.pt", 10)
+    result = train_cli("--weights", start, "--drop-path", "0.2", "--out", tmp_path / "m.pt", "-q")
+    assert result.exit_code == 0, result.output
+    (model,) = trained
+    assert model.stages[-1][-1].drop_path_rate == pytest.approx(0.2)
+
+
+def test_train_with_damaged_edgestar_checkpoint(tmp_path):
+    bad = tmp_path / "damaged.pt"
+    torch.save({"format": "edgestar", "variant": "s050", "num_classes": 10}, bad)
+    assert_one_line_error(train_cli("--weights", bad, "--out", tmp_path / "m.pt"),
+                          str(bad), "has no state_dict")
+
+
+def test_train_refuses_to_overwrite_out_before_training(tmp_path, monkeypatch):
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"my earlier model")
+    monkeypatch.setattr(pipeline, "train", lambda *a, **k: pytest.fail("training started"))
+    assert_one_line_error(train_cli("--out", out), str(out), "already exists", "--force")
+    assert out.read_bytes() == b"my earlier model"
+
+
+def test_train_force_overwrites_out(tmp_path):
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"my earlier model")
+    result = train_cli("--out", out, "--force", "-q")
+    assert result.exit_code == 0, result.output
+    from edgestar.models.checkpoints import read_checkpoint
+
+    assert read_checkpoint(out).num_classes == 10
+
+
+def test_train_prints_held_out_top1_as_percent_like_quantize(tmp_path):
+    import re
+
+    result = train_cli("--out", tmp_path / "m.pt")
+    assert result.exit_code == 0, result.output
+    # (the progress bar shares lines with the log through carriage returns)
+    assert re.search(r"epoch 1: loss \d+\.\d{4}, held-out top-1 \d+\.\d\d%\s", result.output), \
+        result.output
+    assert re.search(r"wrote \S*m\.pt \(held-out top-1 \d+\.\d\d%\)\s", result.output), result.output

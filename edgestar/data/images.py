@@ -82,12 +82,42 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
+        """Rebuild from ``to_dict`` output (as stored in checkpoints).
+
+        Raises ``ValueError`` with a one-line reason when a field is missing or unusable (the
+        caller knows which file the dict came from and names it). An odd stored value would
+        otherwise surface much later as a division by zero or a silently different resize.
+        """
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        def bad(name, why):
+            return ValueError(f"preprocessing {name} {d[name]!r} {why}")
+
+        if not isinstance(d, dict):
+            raise ValueError(f"preprocessing is a {type(d).__name__}, not a dict")
+        if "img_size" not in d:
+            raise ValueError("preprocessing has no img_size")
+        d = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop_pct": 0.875,
+             "interpolation": "bicubic", **d}
+        if not number(d["img_size"]) or d["img_size"] != int(d["img_size"]) or d["img_size"] < 1:
+            raise bad("img_size", "is not a positive integer")
+        for name in ("mean", "std"):
+            v = d[name]
+            if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(number(x) for x in v):
+                raise bad(name, "is not 3 numbers (one per RGB channel)")
+        if not all(x > 0 for x in d["std"]):
+            raise bad("std", "has a value that is not positive")
+        if not number(d["crop_pct"]) or not 0 < d["crop_pct"] <= 1:
+            raise bad("crop_pct", "is not in (0, 1]")
+        if not isinstance(d["interpolation"], str) or d["interpolation"] not in _RESAMPLE:
+            raise bad("interpolation", f"is not one of {', '.join(_RESAMPLE)}")
         return cls(
             img_size=int(d["img_size"]),
-            mean=tuple(float(v) for v in d.get("mean", IMAGENET_MEAN)),
-            std=tuple(float(v) for v in d.get("std", IMAGENET_STD)),
-            crop_pct=float(d.get("crop_pct", 0.875)),
-            interpolation=str(d.get("interpolation", "bicubic")),
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+            crop_pct=float(d["crop_pct"]),
+            interpolation=d["interpolation"],
         )
 
     def with_size(self, img_size: int) -> "Preprocessing":

@@ -27,12 +27,13 @@ import torch
 
 from edgestar.data.images import Preprocessing
 from edgestar.errors import CheckpointError, InputError
-from edgestar.models.registry import get_variant
+from edgestar.models.registry import DOWNSAMPLE_FACTOR, get_variant
 from edgestar.models.starnet import StarNet, create_model
 
 EDGESTAR_FORMAT = "edgestar"
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights"
 _STATE_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
+CLASSIFIER_KEYS = ("head.weight", "head.bias")
 
 
 @dataclass
@@ -147,16 +148,7 @@ def _interpret(obj, source: str) -> LoadedCheckpoint:
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {source} holds a {type(obj).__name__}, not a state dict")
     if obj.get("format") == EDGESTAR_FORMAT:
-        pre = obj.get("preprocessing")
-        return LoadedCheckpoint(
-            state_dict=_float_state(obj["state_dict"]),
-            source=source,
-            variant=obj.get("variant"),
-            num_classes=obj.get("num_classes"),
-            preprocessing=Preprocessing.from_dict(pre) if pre else None,
-            class_names=obj.get("class_names"),
-            meta={k: obj[k] for k in ("train", "metrics") if k in obj},
-        )
+        return _interpret_edgestar(obj, source)
     state = obj
     for key in _STATE_KEYS:
         if isinstance(obj.get(key), dict):
@@ -169,6 +161,62 @@ def _interpret(obj, source: str) -> LoadedCheckpoint:
     if "arch" in obj:
         meta["arch"] = str(obj["arch"])
     return LoadedCheckpoint(state_dict=_float_state(state), source=source, meta=meta)
+
+
+def _interpret_edgestar(obj: dict, source: str) -> LoadedCheckpoint:
+    """Check every field of an edgestar checkpoint, so that a damaged or hand-made file is
+    reported here, naming the file and the field, rather than as a KeyError later."""
+    def unusable(problem: str) -> CheckpointError:
+        return CheckpointError(f"edgestar checkpoint {source} {problem}")
+
+    state = obj.get("state_dict")
+    if state is None:
+        raise unusable("has no state_dict")
+    if (not isinstance(state, dict) or not state
+            or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
+        raise unusable("has a state_dict that is not a non-empty dict of named tensors")
+    head_classes = infer_num_classes(state)
+
+    variant = obj.get("variant")
+    if variant is not None and not isinstance(variant, str):
+        raise unusable(f"has variant {variant!r}, not a variant name")
+
+    num_classes = obj.get("num_classes")
+    if num_classes is not None:
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise unusable(f"has num_classes {num_classes!r}, not a positive integer")
+        if head_classes is not None and head_classes != num_classes:
+            raise unusable(f"says num_classes {num_classes} but its classifier has {head_classes}")
+
+    class_names = obj.get("class_names")
+    if class_names is not None:
+        if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names):
+            raise unusable("has class_names that are not a list of strings")
+        # Names that do not line up with the classifier would label every prediction wrongly.
+        expected = num_classes or head_classes
+        if expected is not None and len(class_names) != expected:
+            raise unusable(f"has {len(class_names)} class_names for {expected} classes")
+
+    pre = obj.get("preprocessing")
+    preprocessing = None
+    if pre is not None:
+        try:
+            preprocessing = Preprocessing.from_dict(pre)
+        except ValueError as exc:
+            raise unusable(f"has unusable preprocessing: {exc}") from None
+        if preprocessing.img_size % DOWNSAMPLE_FACTOR:
+            raise unusable(f"has preprocessing img_size {preprocessing.img_size}, "
+                           f"not a multiple of {DOWNSAMPLE_FACTOR} (StarNet downsamples by 32)")
+
+    return LoadedCheckpoint(
+        state_dict=_float_state(state),
+        source=source,
+        variant=variant,
+        num_classes=num_classes,
+        preprocessing=preprocessing,
+        class_names=class_names,
+        meta={k: obj[k] for k in ("train", "metrics") if k in obj},
+    )
 
 
 def _strip_prefix(key: str) -> str:
@@ -190,15 +238,20 @@ def infer_num_classes(state: dict) -> int | None:
 
 # --------------------------------------------------------------------------- building models
 
-def load_into(model: StarNet, ckpt: LoadedCheckpoint, variant: str) -> None:
-    """Strict load that explains a mismatch instead of dumping PyTorch's message."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in ckpt.state_dict]
-    unexpected = [k for k in ckpt.state_dict if k not in expected]
+def load_into(model: StarNet, ckpt: LoadedCheckpoint, variant: str, *,
+              skip: tuple[str, ...] = ()) -> None:
+    """Strict load that explains a mismatch instead of dumping PyTorch's message.
+
+    Keys in ``skip`` are neither loaded nor required: the model keeps its own values for them.
+    """
+    expected = {k: v for k, v in model.state_dict().items() if k not in skip}
+    given = {k: v for k, v in ckpt.state_dict.items() if k not in skip}
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
     mismatched = [
-        f"{k} {tuple(ckpt.state_dict[k].shape)} vs {tuple(v.shape)}"
+        f"{k} {tuple(given[k].shape)} vs {tuple(v.shape)}"
         for k, v in expected.items()
-        if k in ckpt.state_dict and ckpt.state_dict[k].shape != v.shape
+        if k in given and given[k].shape != v.shape
     ]
     if missing or unexpected or mismatched:
         parts = []
@@ -211,10 +264,11 @@ def load_into(model: StarNet, ckpt: LoadedCheckpoint, variant: str) -> None:
         raise CheckpointError(
             f"checkpoint {ckpt.source} does not fit StarNet-{variant}{hint}: " + "; ".join(parts)
         )
-    model.load_state_dict(ckpt.state_dict, strict=True)
+    model.load_state_dict(given, strict=not skip)
 
 
 def build_model(variant: str, weights: str, *, num_classes: int | None = None,
+                drop_path_rate: float = 0.0,
                 allow_pickle: bool = False) -> tuple[StarNet, LoadedCheckpoint | None]:
     """Create ``variant`` and load ``weights`` into it (eval mode)."""
     get_variant(variant)
@@ -228,10 +282,32 @@ def build_model(variant: str, weights: str, *, num_classes: int | None = None,
             f"--num-classes {num_classes} does not match checkpoint {ckpt.source}, "
             f"whose classifier has {inferred} classes"
         )
-    model = create_model(variant, num_classes=num_classes)
+    model = create_model(variant, num_classes=num_classes, drop_path_rate=drop_path_rate)
     if ckpt:
         load_into(model, ckpt, variant)
     return model.eval(), ckpt
+
+
+def build_model_for_finetuning(
+    variant: str, weights: str, num_classes: int, *, drop_path_rate: float = 0.0,
+    allow_pickle: bool = False,
+) -> tuple[StarNet, LoadedCheckpoint | None, bool]:
+    """Create ``variant`` with ``num_classes`` outputs, initialised from ``weights``.
+
+    When the checkpoint's classifier has another class count (ImageNet weights fine-tuned on
+    a 10-class folder), or it has no classifier, every weight but the classifier is loaded and
+    the model keeps a freshly initialised head. Returns ``(model, checkpoint, head_replaced)``;
+    the model is in eval mode, with stochastic depth ``drop_path_rate`` for training.
+    """
+    get_variant(variant)
+    path = resolve_weights(weights, variant)
+    ckpt = read_checkpoint(path, allow_pickle=allow_pickle) if path else None
+    model = create_model(variant, num_classes=num_classes, drop_path_rate=drop_path_rate)
+    if ckpt is None:
+        return model.eval(), None, False
+    head_replaced = infer_num_classes(ckpt.state_dict) != num_classes
+    load_into(model, ckpt, variant, skip=CLASSIFIER_KEYS if head_replaced else ())
+    return model.eval(), ckpt, head_replaced
 
 
 def save_checkpoint(path: str | os.PathLike, model: StarNet, *, variant: str,

@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from edgestar.data.decoded import IN_MEMORY_LIMIT_BYTES, DecodedImages, normalize_uint8
 from edgestar.data.images import Preprocessing, scan_image_folder
 from edgestar.errors import InputError
-from edgestar.models.checkpoints import build_model, save_checkpoint
+from edgestar.models.checkpoints import build_model_for_finetuning, infer_num_classes, save_checkpoint
 from edgestar.models.registry import check_img_size
-from edgestar.models.starnet import create_model
 
 
 @dataclass
@@ -75,12 +74,31 @@ def evaluate_torch(model, loader, pre: Preprocessing) -> float:
     return correct / max(total, 1)
 
 
+def percent(fraction: float) -> str:
+    """Accuracy the way every edgestar command prints it: ``79.80%``."""
+    return f"{fraction * 100:.2f}%"
+
+
+def _initial_model(cfg: TrainConfig, weights: str, n_classes: int, log):
+    """The model training starts from: random, or ``weights`` with a new head if needed."""
+    model, ckpt, head_replaced = build_model_for_finetuning(
+        cfg.variant, weights, n_classes, drop_path_rate=cfg.drop_path_rate)
+    if head_replaced:
+        had = infer_num_classes(ckpt.state_dict)
+        what = f"checkpoint has {had} classes" if had else "checkpoint has no classifier"
+        log(f"head replaced: {what}, data has {n_classes}")
+    return model
+
+
 def train(cfg: TrainConfig, *, data: str, out: str | Path, val: str | None = None,
           weights: str = "none", num_classes: int | None = None, half: bool = False,
           progress_factory=None, log=print) -> dict:
     """Train ``cfg.variant`` on the image folder ``data``; write an edgestar checkpoint to ``out``.
 
-    Returns a summary with the final training loss and (if ``val`` is given) held-out top-1.
+    ``weights`` (``none``, ``official``, ``demo`` or a path) is the starting point; when its
+    classifier has another class count than ``data``, the classifier is replaced (and logged).
+    Returns a summary with the final training loss and (if ``val`` is given) held-out top-1
+    as a fraction.
     """
     cfg.validate()
     torch.manual_seed(cfg.seed)
@@ -89,14 +107,16 @@ def train(cfg: TrainConfig, *, data: str, out: str | Path, val: str | None = Non
     n_classes = num_classes or len(folder.classes)
     if n_classes != len(folder.classes):
         raise InputError(
-            f"--num-classes {n_classes} but training folder {folder.root} has "
+            f"num_classes {n_classes} but training folder {folder.root} has "
             f"{len(folder.classes)} class folders"
         )
+    val_folder = None
+    if val is not None:  # checked before any decoding or training
+        val_folder = scan_image_folder(val, what="validation folder")
+        if val_folder.classes != folder.classes:
+            raise InputError(f"validation folder {val} has other classes than {folder.root}")
     pre = Preprocessing(cfg.img_size, crop_pct=cfg.crop_pct)
-    if weights == "none":
-        model = create_model(cfg.variant, num_classes=n_classes, drop_path_rate=cfg.drop_path_rate)
-    else:
-        model, _ = build_model(cfg.variant, weights, num_classes=n_classes)
+    model = _initial_model(cfg, weights, n_classes, log)
     model.train()
 
     in_memory = len(folder) * cfg.img_size**2 * 3 <= IN_MEMORY_LIMIT_BYTES
@@ -107,10 +127,7 @@ def train(cfg: TrainConfig, *, data: str, out: str | Path, val: str | None = Non
         generator=gen, num_workers=0 if in_memory else 2,
     )
     val_loader = None
-    if val is not None:
-        val_folder = scan_image_folder(val, what="validation folder")
-        if val_folder.classes != folder.classes:
-            raise InputError(f"validation folder {val} has other classes than {folder.root}")
+    if val_folder is not None:
         val_loader = torch.utils.data.DataLoader(
             DecodedImages(val_folder, pre, True), batch_size=256)
     log(f"decoded {len(folder)} training images in {time.perf_counter() - t0:.1f}s")
@@ -157,7 +174,7 @@ def train(cfg: TrainConfig, *, data: str, out: str | Path, val: str | None = Non
             record["val_top1"] = evaluate_torch(model, val_loader, pre)
         history.append(record)
         log("epoch {epoch}: loss {loss:.4f}".format(**record)
-            + (f", held-out top-1 {record['val_top1']:.4f}" if "val_top1" in record else ""))
+            + (f", held-out top-1 {percent(record['val_top1'])}" if "val_top1" in record else ""))
         if step >= total:
             break
     if bar is not None:
