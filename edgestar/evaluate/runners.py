@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgestar.errors import StageError
+
 
 class TorchRunner:
     name = "torch"
@@ -117,40 +119,148 @@ def dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
     return (y.astype(np.float32) - zero) * scale
 
 
+# TFLite Micro's reference kernels ran the demo StarNet-S1 at 32 px (8.6 M multiply-accumulates)
+# in 15-30 ms per image on a loaded 2-core x86 host, about 0.3-0.6 G MAC/s; the S1 at 224 px
+# and S4 at 32 px ran at similar rates. Estimates assume the slow end.
+MICRO_MACS_PER_SECOND = 4e8
+# A time-out must not fire on a slow or loaded machine, only on a hang: allow ten times the
+# estimate per image, plus a fixed allowance for starting Python and planning the arena.
+MICRO_TIMEOUT_MARGIN = 10.0
+MICRO_TIMEOUT_BASE_S = 60.0
+
+
+def multiply_accumulates(path: Path) -> int:
+    """Multiply-accumulates of one inference of a ``.tflite`` (its convolutions and fully
+    connected layers, which dominate a CNN's cost; element-wise ops are not counted)."""
+    from edgestar.convert.tflite_file import operators
+
+    _, graph, ops = operators(path)
+    total = 0
+    for name, op in ops:
+        if name not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+            continue
+        outputs = int(np.prod(graph.Tensors(op.Outputs(0)).ShapeAsNumpy()))
+        # weights: CONV_2D [out, kh, kw, in], DEPTHWISE_CONV_2D [1, kh, kw, C], FULLY_CONNECTED [out, in]
+        weights = graph.Tensors(op.Inputs(1)).ShapeAsNumpy()
+        depthwise = name == "DEPTHWISE_CONV_2D"
+        per_output = int(weights[1] * weights[2]) if depthwise else int(np.prod(weights[1:]))
+        total += outputs * per_output
+    return total
+
+
+def micro_seconds_per_image(path: Path) -> float:
+    """Estimated seconds per image of ``path`` in TFLite Micro's host interpreter."""
+    return multiply_accumulates(path) / MICRO_MACS_PER_SECOND
+
+
+def micro_timeout_s(path: Path, images: int) -> float:
+    """Default time-out of one TFLite Micro run over ``images`` images of ``path``."""
+    return MICRO_TIMEOUT_BASE_S + MICRO_TIMEOUT_MARGIN * images * micro_seconds_per_image(path)
+
+
+class MicroUnavailableError(StageError):
+    """The ``tflite-micro`` package (x86-64 wheels only) is not installed here."""
+
+
+MICRO_MISSING = ("tflite-micro is not installed (pip install tflite-micro; its wheels exist "
+                 "only for x86-64 Linux)")
+
+
+def micro_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tflite_micro") is not None
+
+
 class MicroRunner:
-    """TensorFlow Lite Micro's reference interpreter (``pip install --pre tflite-micro``).
+    """TensorFlow Lite Micro's reference interpreter (``pip install tflite-micro``).
 
     Runs in a subprocess: a TFLM kernel that hits an unsupported case aborts the whole process
-    (tflite-micro issue #3499). Same interface as the other runners.
+    (tflite-micro issue #3499), and one that hangs is killed after ``timeout_s`` seconds
+    (default: :func:`micro_timeout_s`, scaled by the number of images). Either raises
+    :class:`~edgestar.errors.StageError` with a one-line message. Same interface as the other
+    runners; :meth:`quantized` gives the model's raw int8 outputs.
     """
 
     name = "tflite-micro"
 
-    def __init__(self, path: Path, arena_size: int = 8 << 20):
-        import importlib.util
-
-        if importlib.util.find_spec("tflite_micro") is None:
-            raise RuntimeError("tflite-micro is not installed (pip install --pre tflite-micro)")
-        self.path, self.arena_size = Path(path), arena_size
+    def __init__(self, path: Path, arena_size: int = 8 << 20, *, timeout_s: float | None = None):
+        if not micro_available():
+            raise MicroUnavailableError(MICRO_MISSING)
+        self.path, self.arena_size, self.timeout_s = Path(path), arena_size, timeout_s
         self.reference = TFLiteRunner(path)  # for the I/O quantization parameters
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        import subprocess
-        import sys
-        import tempfile
+        return dequantize(self.quantized(x), self.reference.out)
 
+    def quantized(self, x: np.ndarray) -> np.ndarray:
+        """The model's outputs as TFLM computed them (int8 for an int8-output model)."""
         ref = self.reference
         if ref.nhwc:
             x = x.transpose(0, 2, 3, 1)
-        with tempfile.TemporaryDirectory(prefix="edgestar-tflm-") as tmp:
-            np.save(f"{tmp}/in.npy", quantize(x, ref.inp))
-            proc = subprocess.run([sys.executable, "-m", "edgestar.evaluate.runners", str(self.path),
-                                   f"{tmp}/in.npy", f"{tmp}/out.npy", str(self.arena_size)],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-                raise RuntimeError(f"TFLite Micro failed (exit {proc.returncode}): {tail[0]}")
-            return dequantize(np.load(f"{tmp}/out.npy"), ref.out)
+        timeout_s = self.timeout_s if self.timeout_s is not None else micro_timeout_s(self.path, len(x))
+        return run_micro(self.path, quantize(x, ref.inp), arena_size=self.arena_size,
+                         timeout_s=timeout_s)
+
+
+def run_micro(path: Path, inputs: np.ndarray, *, arena_size: int, timeout_s: float) -> np.ndarray:
+    """Outputs of TFLite Micro's interpreter on ``inputs`` (already in the model's input type
+    and layout), computed in a child process that is killed after ``timeout_s`` seconds."""
+    import subprocess
+    import tempfile
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory(prefix="edgestar-tflm-") as tmp:
+        np.save(f"{tmp}/in.npy", inputs)
+        command = _micro_command(path, f"{tmp}/in.npy", f"{tmp}/out.npy", arena_size)
+        try:
+            # On time-out subprocess.run kills the child (SIGKILL) and reaps it before raising.
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise StageError(f"TFLite Micro did not finish {len(inputs)} image(s) of {path} within "
+                             f"its time-out of {_seconds(timeout_s)} s (a hung kernel?); the child "
+                             "process was killed") from None
+        if proc.returncode != 0:
+            raise StageError(f"TFLite Micro failed on {path} ({_exit_status(proc.returncode)}): "
+                             f"{_last_line(proc.stderr, proc.stdout)}")
+        return np.load(f"{tmp}/out.npy")
+
+
+def _micro_command(path: Path, inputs: str, outputs: str, arena_size: int) -> list[str]:
+    """The child: this module's ``__main__`` (:func:`_micro_main`) in this same Python."""
+    import sys
+
+    return [sys.executable, "-m", "edgestar.evaluate.runners", str(path), inputs, outputs,
+            str(arena_size)]
+
+
+def _seconds(t: float) -> str:
+    return f"{t:.0f}" if t >= 10 else f"{t:.1f}"
+
+
+def _exit_status(returncode: int) -> str:
+    """``exit 1`` or, for a child ended by a signal (a negative return code), its name:
+    TFLM kernels abort() on some unsupported cases (SIGABRT)."""
+    if returncode >= 0:
+        return f"exit {returncode}"
+    import signal
+
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"killed by {name}"
+
+
+def _last_line(*texts: str | None, limit: int = 300) -> str:
+    """The last non-blank line of the first text that has one (TFLM's own error message is
+    usually the last thing it prints), shortened to ``limit`` characters."""
+    for text in texts:
+        lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+        if lines:
+            line = lines[-1]
+            return line if len(line) <= limit else line[:limit - 3] + "..."
+    return "no error output"
 
 
 def _micro_main(model: str, inputs: str, outputs: str, arena_size: str) -> None:

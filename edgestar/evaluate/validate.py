@@ -91,6 +91,7 @@ def sqnr_db(signal: float, noise: float, digits: int = 2) -> float | None:
 class EvaluationResult:
     engines: dict[str, dict] = field(default_factory=dict)
     images: int = 0
+    logits: dict[str, np.ndarray] = field(default_factory=dict)  # the runners named in keep_logits
 
 
 def predict(runners: dict, folder: ImageFolder, pre: Preprocessing, *, chunk: int = 128,
@@ -109,13 +110,15 @@ def predict(runners: dict, folder: ImageFolder, pre: Preprocessing, *, chunk: in
 
 def evaluate(runners: dict, folder: ImageFolder, pre: Preprocessing, *, reference: np.ndarray,
              reference_name: str = "reference", others: dict | None = None, chunk: int = 128,
-             progress=None) -> EvaluationResult:
+             progress=None, keep_logits: tuple[str, ...] = ()) -> EvaluationResult:
     """Run every runner over ``folder`` and compare it with the ``reference`` logits.
 
     Returns top-1 / top-5 accuracy, top-1 agreement with the reference and the max absolute
     logit difference from it, per runner, and the reference's own accuracy. ``others`` are
     further precomputed logits (name -> array, e.g. a QAT model's): they are scored like the
     reference, and every runner is also compared with each of them (``vs`` in its stats).
+    ``keep_logits`` names runners whose logits the result keeps (``logits``), e.g. the INT8
+    model's for :func:`edgestar.evaluate.micro.evaluate_on_micro`; others are dropped per chunk.
     """
     others = others or {}
     labels_all = np.array([label for _, label in folder.samples])
@@ -125,6 +128,7 @@ def evaluate(runners: dict, folder: ImageFolder, pre: Preprocessing, *, referenc
     for name, logits in others.items():
         stats[name].update(logits, labels_all, reference, k)
     versus = {(run, other): EngineStats() for run in runners for other in others}
+    kept: dict[str, list] = {name: [] for name in keep_logits}
     for start in range(0, len(folder.samples), chunk):
         batch = folder.samples[start:start + chunk]
         x = load_batch([p for p, _ in batch], pre)
@@ -133,6 +137,8 @@ def evaluate(runners: dict, folder: ImageFolder, pre: Preprocessing, *, referenc
         for name, run in runners.items():
             logits = run(x)
             stats[name].update(logits, labels, reference[rows], k)
+            if name in kept:
+                kept[name].append(logits)
             for other, other_logits in others.items():
                 versus[name, other].update(logits, labels, other_logits[rows], k)
         if progress is not None:
@@ -143,4 +149,5 @@ def evaluate(runners: dict, folder: ImageFolder, pre: Preprocessing, *, referenc
         engines[name].setdefault("vs", {})[other] = {
             "agreement_top1": summary["agreement_top1"], "max_abs_logit_diff": summary["max_abs_logit_diff"],
             "logit_sqnr_db": summary["logit_sqnr_db"]}
-    return EvaluationResult(engines, len(folder.samples))
+    return EvaluationResult(engines, len(folder.samples),
+                            {name: np.concatenate(parts) for name, parts in kept.items() if parts})
