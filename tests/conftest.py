@@ -1,4 +1,6 @@
+import os
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -47,3 +49,38 @@ def no_tensorflow_in_unit_tests(request):
     yield
     if "e2e" not in request.keywords:
         assert "tensorflow" not in sys.modules, "a unit test imported TensorFlow"
+
+
+# --------------------------------------------------------------------------- no network
+
+GUARD = textwrap.dedent('''
+    import os, socket
+    _log = os.environ["EDGESTAR_NET_LOG"]
+
+    def _blocked(what, detail):
+        with open(_log, "a") as f:
+            f.write(f"{what} {detail!r}\\n")
+        raise OSError(f"network disabled by test guard: {what} {detail!r}")
+
+    _connect = socket.socket.connect
+    def connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            _blocked("connect", address)
+        return _connect(self, address)
+    socket.socket.connect = connect
+    socket.socket.connect_ex = connect
+    socket.getaddrinfo = lambda host, *a, **k: _blocked("getaddrinfo", host)
+    socket.create_connection = lambda address, *a, **k: _blocked("create_connection", address)
+''')
+
+
+@pytest.fixture(scope="session")
+def offline_env(tmp_path_factory):
+    guard_dir = tmp_path_factory.mktemp("netguard")
+    (guard_dir / "sitecustomize.py").write_text(GUARD)
+    log = guard_dir / "attempts.log"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(guard_dir), env.get("PYTHONPATH", "")])
+    env["EDGESTAR_NET_LOG"] = str(log)
+    env["EDGESTAR_CACHE"] = str(guard_dir / "cache")
+    return env, log

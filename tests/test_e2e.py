@@ -5,10 +5,8 @@ socket connects and DNS look-ups replaced by a guard that records the attempt an
 """
 import importlib.util
 import json
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -21,39 +19,6 @@ pytestmark = pytest.mark.e2e
 _missing = [m for m in ("onnx2tf", "tensorflow", "ai_edge_litert") if importlib.util.find_spec(m) is None]
 if _missing:
     pytest.skip(f"conversion tools not installed: {', '.join(_missing)}", allow_module_level=True)
-
-GUARD = textwrap.dedent('''
-    import os, socket
-    _log = os.environ["EDGESTAR_NET_LOG"]
-
-    def _blocked(what, detail):
-        with open(_log, "a") as f:
-            f.write(f"{what} {detail!r}\\n")
-        raise OSError(f"network disabled by test guard: {what} {detail!r}")
-
-    _connect = socket.socket.connect
-    def connect(self, address):
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            _blocked("connect", address)
-        return _connect(self, address)
-    socket.socket.connect = connect
-    socket.socket.connect_ex = connect
-    socket.getaddrinfo = lambda host, *a, **k: _blocked("getaddrinfo", host)
-    socket.create_connection = lambda address, *a, **k: _blocked("create_connection", address)
-''')
-
-
-@pytest.fixture(scope="module")
-def offline_env(tmp_path_factory):
-    guard_dir = tmp_path_factory.mktemp("netguard")
-    (guard_dir / "sitecustomize.py").write_text(GUARD)
-    log = guard_dir / "attempts.log"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(guard_dir), env.get("PYTHONPATH", "")])
-    env["EDGESTAR_NET_LOG"] = str(log)
-    env["EDGESTAR_CACHE"] = str(guard_dir / "cache")
-    return env, log
-
 
 def edgestar(env, *args, cwd=None):
     cmd = [sys.executable, "-m", "edgestar.cli", *[str(a) for a in args]]

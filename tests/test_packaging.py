@@ -20,13 +20,6 @@ import pytest
 from edgestar.data import images
 from edgestar.errors import InputError
 
-try:  # the subprocess network guard of the end-to-end tests, a fixture
-    from test_e2e import offline_env  # noqa: F401
-except pytest.skip.Exception as missing_tools:  # test_e2e skips itself without TensorFlow
-    @pytest.fixture(scope="module")
-    def offline_env():
-        pytest.skip(str(missing_tools))
-
 REPO = Path(__file__).resolve().parents[1]
 DEMO_IN_WHEEL = "edgestar/_demo_data/"
 CLASSES = 10
@@ -147,7 +140,7 @@ def test_installed_wheel_finds_its_own_demo_set(venv, tmp_path):
 
 
 @pytest.mark.e2e
-def test_main_job_runs_from_an_installed_wheel(venv, offline_env, tmp_path):  # noqa: F811
+def test_main_job_runs_from_an_installed_wheel(venv, offline_env, tmp_path):
     """`edgestar quantize --variant s1 --weights demo` run by the installed wheel, outside the
     repository, with the network blocked."""
     env, log = offline_env
