@@ -6,11 +6,38 @@ validation and benchmarking code never special-cases an engine.
 """
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from edgestar.errors import StageError
+
+
+LITERT_BANNER = "INFO: Created TensorFlow Lite XNNPACK delegate"
+
+
+@contextmanager
+def without_litert_banner():
+    """LiteRT's C++ code prints ``INFO: Created TensorFlow Lite XNNPACK delegate for CPU.`` to
+    the process's stderr when it first applies XNNPACK, and no setting turns that off (``-q``
+    must be quiet). Capture file descriptor 2 meanwhile and pass on anything else it printed."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not line.startswith(LITERT_BANNER):
+                    sys.stderr.write(line)
 
 
 class TorchRunner:
@@ -62,9 +89,10 @@ class TFLiteRunner:
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
         resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-        self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads,
-                                       experimental_op_resolver_type=resolver)
-        self.interpreter.allocate_tensors()
+        with without_litert_banner():
+            self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads,
+                                           experimental_op_resolver_type=resolver)
+            self.interpreter.allocate_tensors()
         self.inp = self.interpreter.get_input_details()[0]
         self.out = self.interpreter.get_output_details()[0]
         shape = self.inp["shape"]
@@ -277,6 +305,4 @@ def _micro_main(model: str, inputs: str, outputs: str, arena_size: str) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     _micro_main(*sys.argv[1:5])

@@ -46,7 +46,7 @@ from edgestar.pipeline.config import (DISTILLED, QuantizeConfig, check_config, c
                                       qat_options)
 from edgestar.pipeline.rundir import RunDir
 from edgestar.pipeline.scoring import (EvaluationImages, engine_metrics, evaluate_tflite, evaluation_images,
-                                       reference_logits, sanity_warnings)
+                                       micro_metrics, reference_logits, sanity_warnings)
 from edgestar.quant.diagnose import LAYER_ERRORS_FILE, diagnose_images, layer_errors, spread
 from edgestar.quant.ptq import EXACT as EXACT_RESCALINGS
 from edgestar.quant.ptq import calibration_ranges, correct_biases, rescale
@@ -368,8 +368,9 @@ def _register_tflite(run: Run, details: dict) -> None:
 def validate(run: Run) -> None:
     with run.dir.stage("validate") as rec:
         rest = {f"tflite_{fmt}": path for fmt, path in run.paths.items() if f"tflite_{fmt}" not in run.engines}
+        logits: dict = {}
         run.engines = {**run.engines, **evaluate_tflite(rest, run.reference, run.others, run.pre,
-                                                        run.eval.folder, run.progress, run.batch)}
+                                                        run.eval.folder, run.progress, run.batch, logits=logits)}
         folder = run.eval.folder
         rec.update(engines=run.engines, images=len(folder), labelled=run.eval.labelled, source=str(folder.root))
         metrics = run.manifest["metrics"]
@@ -379,8 +380,25 @@ def validate(run: Run) -> None:
         if parity > PARITY_TOLERANCE:
             raise StageError(f"the FP32 TFLite model disagrees with PyTorch by {parity:.3g} "
                              "(max |logit diff|): the conversion is wrong")
+        if run.config.target == "micro":
+            _evaluate_on_micro(run, logits["tflite_int8"], rec)
         run.warnings.extend(sanity_warnings(metrics))
         rec["warnings"] = list(run.warnings)
+
+
+def _evaluate_on_micro(run: Run, int8_logits: np.ndarray, rec: dict) -> None:
+    """``--target micro``: the INT8 model also on TensorFlow Lite Micro, the runtime it is for
+    (its kernels differ from XNNPACK's by several LSB), on a sample sized to take ~10 s."""
+    from edgestar.evaluate.micro import evaluate_on_micro
+
+    micro = rec["tflm_int8"] = evaluate_on_micro(run.paths["int8"], run.eval.folder, run.pre, run.reference,
+                                                 host_logits=int8_logits, seed=run.config.seed)
+    if "skipped" in micro:
+        run.notes.append(f"the INT8 model was not run on TensorFlow Lite Micro: {micro['skipped']}")
+        return
+    run.manifest["metrics"]["tflm_int8"] = micro_metrics(micro, run.eval.labelled)
+    run.log(f"TFLite Micro: {micro['images']} of {micro['of_images']} images, top-1 agreement with "
+            f"LiteRT INT8 {micro['vs']['tflite_int8']['agreement_top1']:.1%}")
 
 
 def diagnose(run: Run) -> None:

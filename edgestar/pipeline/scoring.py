@@ -84,9 +84,10 @@ def reference_logits(models: dict, folder, pre, progress_factory, batch: int) ->
 
 
 def evaluate_tflite(paths: dict, reference, others: dict, pre, folder, progress_factory, batch: int, *,
-                    spare_core: bool = False) -> dict:
+                    spare_core: bool = False, logits: dict | None = None) -> dict:
     """Accuracy, agreement and logit error of each TFLite file (engine name -> path) against
-    ``reference``; ``spare_core`` leaves one core to the converter while it still runs."""
+    ``reference``; ``spare_core`` leaves one core to the converter while it still runs.
+    ``logits``: a dict that receives each engine's logits."""
     from edgestar.evaluate.runners import TFLiteRunner
     from edgestar.evaluate.validate import evaluate
 
@@ -99,11 +100,30 @@ def evaluate_tflite(paths: dict, reference, others: dict, pre, folder, progress_
     bar = progress_factory(len(folder), f"evaluation images ({names})") if progress_factory else None
     try:
         result = evaluate(runners, folder, pre, reference=reference, reference_name="torch_fp32",
-                          others=others, progress=bar, chunk=batch)
+                          others=others, progress=bar, chunk=batch,
+                          keep_logits=tuple(paths) if logits is not None else ())
     finally:
         if bar is not None:
             bar.close()
+    if logits is not None:
+        logits.update(result.logits)
     return result.engines
+
+
+def micro_metrics(micro: dict, labelled: bool) -> dict:
+    """The manifest's ``tflm_int8`` entry from :func:`edgestar.evaluate.micro.evaluate_on_micro`:
+    the INT8 model on TensorFlow Lite Micro, beside LiteRT's INT8 on the same images."""
+    same = micro["tflite_int8_same_images"]
+    versus = micro["vs"]["tflite_int8"]
+    return {"top1": micro["top1"] if labelled else None, "top5": micro["top5"] if labelled else None,
+            "agreement": micro["agreement_top1"], "logit_sqnr_db": micro["logit_sqnr_db"],
+            "max_abs_logit_diff": micro["max_abs_logit_diff"],
+            # vs PyTorch FP32 on the same images (TFLM runs a sample)
+            "top1_drop_pt": (100.0 * (micro["lost_top1"] - micro["gained_top1"]) / micro["images"]
+                             if labelled else None),
+            "tflite_int8_top1_same_images": same["top1"] if labelled else None,
+            "agreement_with_tflite_int8": versus["agreement_top1"], "max_lsb_diff": versus["max_lsb_diff"],
+            "images": micro["images"], "of_images": micro["of_images"], "runtime": micro["runtime"]}
 
 
 def engine_metrics(engines: dict, images: int, labelled: bool, int8_key: str = "tflite_int8") -> dict:

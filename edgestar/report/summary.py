@@ -23,6 +23,8 @@ def summary_table(manifest: dict, out=None) -> str:
         rows.append((ROW_NAMES.get(key, key.replace("tflite_", "tflite ")),
                      f"{art['bytes']:,}", _pct(top1), drop if key != "onnx" else "-",
                      _pct(agree) if agree is not None else "-"))
+        if key == "tflite_int8" and "tflm_int8" in metrics:  # the same file on TFLite Micro
+            rows.append(_micro_row(metrics["tflm_int8"], art["bytes"]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
@@ -41,6 +43,12 @@ def summary_table(manifest: dict, out=None) -> str:
     if manifest.get("inputs", {}).get("weights", {}).get("spec") == "none":
         tail.append("NOTE: random weights (--weights none): these figures describe an untrained model")
     tail.append(foot)
+    micro = metrics.get("tflm_int8")
+    if micro:
+        tail.append(f"TFLite Micro vs LiteRT INT8 on the same {micro['images']} images: top-1 "
+                    f"{_pct(micro['top1'])} vs {_pct(micro['tflite_int8_top1_same_images'])}, "
+                    f"agreement {_pct(micro['agreement_with_tflite_int8'])}, max "
+                    f"{micro['max_lsb_diff']} LSB apart")
     drop_ci, agree_ci = metrics.get("int8_top1_drop_ci95_pt"), metrics.get("int8_agreement_ci95")
     if agree_ci:  # what these evaluation images can resolve
         tail.append("INT8 95 % intervals: " + (f"drop {drop_ci[0]:+.2f} to {drop_ci[1]:+.2f} pt, " if drop_ci else "")
@@ -51,6 +59,15 @@ def summary_table(manifest: dict, out=None) -> str:
         tail += ["  " + line for line in format_rows(worst, len(worst))]
     tail += [f"run directory: {out}"] if out is not None else []
     return "\n".join(lines + tail)
+
+
+def _micro_row(micro: dict, size: int) -> tuple:
+    """TFLite Micro's row. It runs a sample of the images: its top-1 and drop are on that
+    sample (the drop against PyTorch FP32 on the same images)."""
+    top1, drop = micro.get("top1"), micro.get("top1_drop_pt")
+    drop = f"{drop:+.2f}" if drop is not None else "-"
+    name = f"tflm int8 ({micro['images']}/{micro['of_images']} img)"
+    return (name, f"{size:,}", _pct(top1), drop, _pct(micro["agreement"]))
 
 
 def _pct(v) -> str:
