@@ -73,7 +73,7 @@ def test_quantize_tiny_model_end_to_end(offline_env, trained_s050, tmp_path):
     lo, hi = metrics["int8_top1_drop_ci95_pt"]
     assert lo <= metrics["int8_top1_drop_pt"] <= hi
     assert set(report["artifacts"]) == {"onnx", "tflite_fp32", "tflite_int8", "tflite_fp16",
-                                        "tflite_dynamic", "layer_errors"}
+                                        "tflite_dynamic", "layer_errors", "int8_ranges"}
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "ok"
@@ -200,6 +200,11 @@ def test_int8_model_runs_in_tflite_micro(offline_env, trained_s050, tmp_path):
     scale = litert.out["quantization"][0]
     assert (micro.argmax(1) == reference.argmax(1)).mean() >= 0.95
     assert np.abs(micro - reference).max() <= 4 * scale + 1e-6  # a few output LSBs of rounding
+    # quantize itself ran the INT8 model on TFLite Micro and reported it beside LiteRT
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    tflm = manifest["metrics"]["tflm_int8"]
+    assert tflm["images"] == 20 and tflm["of_images"] == 20 and tflm["agreement_with_tflite_int8"] >= 0.9
+    assert "tflm int8 (20/20 img)" in res.stdout and "TFLite Micro vs LiteRT INT8" in res.stdout
 
 
 def test_float_io_and_other_resolution(offline_env, tmp_path):
@@ -222,7 +227,7 @@ def test_float_io_and_other_resolution(offline_env, tmp_path):
     assert ops["QUANTIZE"] == 1 and ops["DEQUANTIZE"] == 1
     # s100: depths 1,2,4,1; at 64 px only the first stage's maps (16x16) get split convs
     assert_deployment_graph(report["artifacts"]["tflite_int8"], blocks=8, split=2)
-    assert set(report["artifacts"]) == {"onnx", "tflite_fp32", "tflite_int8", "layer_errors"}
+    assert set(report["artifacts"]) == {"onnx", "tflite_fp32", "tflite_int8", "layer_errors", "int8_ranges"}
 
 
 def test_demo_main_job(offline_env, tmp_path):
