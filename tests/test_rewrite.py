@@ -117,3 +117,65 @@ def test_rotation_is_exact_for_split_depthwise_starnet(tmp_path):
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(OnnxRunner(tmp_path / "m.onnx")(x), ref, atol=1e-5, rtol=0)
+
+
+class PositionAdded(nn.Module):
+    """Conv, a learned constant added (e.g. a positional embedding), ReLU, mean, linear. (Without
+    the ReLU the mean would average the constant away, and a wrong rotation would not show.)"""
+
+    def __init__(self, pos_shape):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, 2, 1)
+        self.pos = nn.Parameter(torch.randn(pos_shape))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x) + self.pos).mean(dim=(2, 3)))
+
+
+def _export_and_compare(module, size, path):
+    """Export ``module`` as edgestar does; return whether it was rotated, after checking ONNX
+    Runtime against PyTorch."""
+    info = export_onnx(module.eval(), size, path)
+    x = np.random.default_rng(3).standard_normal((2, 3, size, size)).astype(np.float32)
+    with torch.no_grad():
+        ref = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(OnnxRunner(path)(x), ref, atol=1e-5, rtol=0)
+    return info["rotated_for_same_padding"]
+
+
+# the conv's output is 4 x 8 x 8 on a 16 px image
+@pytest.mark.parametrize("pos_shape", [(1, 4, 8, 8), (1, 1, 8, 8), (1, 4, 8, 1), (8,)])
+def test_a_constant_that_varies_per_position_stops_the_rotation(tmp_path, pos_shape):
+    torch.manual_seed(0)
+    assert not _export_and_compare(PositionAdded(pos_shape), 16, tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("pos_shape", [(1, 4, 1, 1), (4, 1, 1), (1,)])
+def test_a_constant_per_channel_is_still_rotated(tmp_path, pos_shape):
+    torch.manual_seed(0)
+    assert _export_and_compare(PositionAdded(pos_shape), 16, tmp_path / "m.onnx")
+
+
+def _initializer_as_constant_node(proto, name):
+    """The graph with initializer ``name`` replaced by a Constant node computing it."""
+    from onnx import helper
+
+    init = next(t for t in proto.graph.initializer if t.name == name)
+    proto.graph.initializer.remove(init)
+    proto.graph.node.insert(0, helper.make_node("Constant", [], [name], value=init))
+    return proto
+
+
+@pytest.mark.parametrize("pos_shape,safe", [((1, 4, 8, 8), False), ((1, 4, 1, 1), True)])
+def test_constant_nodes_are_checked_like_initializers(pos_shape, safe):
+    torch.manual_seed(0)
+    module = PositionAdded(pos_shape)
+    proto = _to_onnx(module, 16)
+    add = next(n for n in proto.graph.node if n.op_type == "Add")
+    constant = next(i for i in add.input if i in {t.name for t in proto.graph.initializer})
+    proto, applied = flip_for_same_padding(_initializer_as_constant_node(proto, constant))
+    assert applied == safe
+    x = np.random.default_rng(4).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(proto, x), module(torch.from_numpy(x)).numpy(), atol=1e-5, rtol=0)

@@ -23,6 +23,7 @@ import numpy as np
 _EQUIVARIANT = {"Conv", "Clip", "Relu", "Mul", "Add", "Sub", "Identity", "BatchNormalization",
                 "Sigmoid", "HardSigmoid", "HardSwish", "Div"}
 _INVARIANT_AFTER = {"ReduceMean", "GlobalAveragePool"}  # spatial reductions end the rotated part
+_BROADCASTING = {"Mul", "Add", "Sub", "Div"}  # elementwise ops whose other operand may be a constant
 ROTATION_NODE = "edgestar_rotate_input_180"
 
 
@@ -102,10 +103,16 @@ def strip_input_rotation(model) -> bool:
 
 
 def _rotation_safe(graph, shapes) -> bool:
-    """Every op before the spatial reduction commutes with rotation; all shapes are known."""
+    """Every op before the spatial reduction commutes with rotation; all shapes are known.
+
+    ``shapes`` holds the inferred shapes of the graph's values; constants (initializers,
+    ``Constant`` nodes) are read from the graph itself, as shape inference leaves them out.
+    """
     from onnx import helper
 
     inits = {t.name for t in graph.initializer}
+    known_shapes = {**shapes, **_constant_shapes(graph)}
+    from_input = _computed_from_input(graph)
     for node in graph.node:
         if node.op_type in _INVARIANT_AFTER:
             if node.op_type == "ReduceMean":
@@ -123,16 +130,54 @@ def _rotation_safe(graph, shapes) -> bool:
                 return False
             continue
         if node.op_type in _EQUIVARIANT:
-            # elementwise ops with a constant must broadcast per channel, not per position
-            for name in node.input:
-                if name in inits and shapes.get(name) and len(shapes[name]) >= 2 \
-                        and any(d != 1 for d in shapes[name][-2:]):
-                    return False
+            # A broadcast constant must be the same at every position (per channel at most):
+            # rotating the feature map under a constant that varies per position (say, a
+            # positional embedding) changes which value meets which pixel.
+            if (node.op_type in _BROADCASTING
+                    and any(_varies_per_position(known_shapes.get(name))
+                            for name in node.input if name and name not in from_input)
+                    and not _after_reduction(graph, node)):
+                return False
             continue
         if _after_reduction(graph, node):
             continue
         return False
     return True
+
+
+def _varies_per_position(shape) -> bool:
+    """Whether a constant of ``shape`` broadcast onto an NCHW map differs along H or W
+    (an unknown shape counts as varying). A 1-D constant broadcasts along W."""
+    return shape is None or any(d != 1 for d in shape[-2:])
+
+
+def _constant_shapes(graph) -> dict[str, list[int]]:
+    """Shapes of the graph's initializers and ``Constant`` node outputs."""
+    from onnx import helper
+
+    found = {t.name: list(t.dims) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type != "Constant" or len(node.attribute) != 1:  # a valid one has one value
+            continue
+        attr = node.attribute[0]
+        value = helper.get_attribute_value(attr)
+        if attr.name == "value":
+            found[node.output[0]] = list(value.dims)
+        elif attr.name in ("value_float", "value_int"):
+            found[node.output[0]] = []
+        elif attr.name in ("value_floats", "value_ints"):
+            found[node.output[0]] = [len(value)]
+        # any other kind (sparse, strings) stays unknown, and so counts as varying
+    return found
+
+
+def _computed_from_input(graph) -> set[str]:
+    """Names of the values that depend on a graph input (the rest are constants)."""
+    found = {i.name for i in graph.input}
+    for node in graph.node:  # ONNX nodes are in topological order
+        if any(name in found for name in node.input):
+            found.update(node.output)
+    return found
 
 
 def _after_reduction(graph, node) -> bool:

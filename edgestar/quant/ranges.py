@@ -9,12 +9,15 @@ flatbuffer exactly where the calibrator would (``QuantizationParameters.min/max`
 TFLite's quantizer (``mlir_quantize``) do the rest. The quantized file is the one TFLite's
 calibrator would produce, up to float rounding in the ranges.
 
-Which PyTorch value is which TFLite tensor is found by value, not by name: one image runs
-through both graphs, and each TFLite activation tensor is paired with the torch.fx node whose
-output equals it (NHWC vs NCHW; spatially rotated by 180 degrees after edgestar's rotation
-rewrite, see :mod:`edgestar.rewrite`). Fused ops need no special case: a CONV_2D with fused
-ReLU6 equals the ``ReLU6`` node's output. A tensor without a match raises
-:class:`UnmatchedTensors` and the caller falls back to TFLite's calibrator.
+Which PyTorch value is which TFLite tensor is found by value, not by name: a few images
+(``MATCH_IMAGES``) run through both graphs, and each TFLite activation tensor is paired with
+the torch.fx node whose output equals it on every one of them (NHWC vs NCHW; spatially
+rotated by 180 degrees after edgestar's rotation rewrite, see :mod:`edgestar.export.rewrite`).
+Fused ops need no special case: a CONV_2D with fused ReLU6 equals the ``ReLU6`` node's
+output. A tensor without a match raises :class:`UnmatchedTensors`, one that matches several
+nodes of different ranges :class:`AmbiguousTensors` (a subclass), and the caller falls back
+to TFLite's calibrator. Several images are needed because on one image a tensor can equal a
+wrong node by accident (an all-zero ReLU output equals every other all-zero one).
 
 Owning the ranges is also what lets quantization-aware training train with the very ranges
 the deployed model will use.
@@ -25,7 +28,10 @@ import math
 
 import numpy as np
 
-MATCH_TOLERANCE = 1e-3  # max |TFLite - PyTorch| relative to the tensor's max |value|
+MATCH_TOLERANCE = 1e-3  # max |TFLite - PyTorch| relative to the tensor's max |value|, per image
+# Images the tensor pairing compares on: on one image an all-zero tensor, or two nodes whose
+# values happen to coincide there, can match the wrong node; each further image must agree too.
+MATCH_IMAGES = 4
 RANGE_DIGITS = 5  # ranges are rounded outward to this many significant digits (see _round_out)
 
 
@@ -36,7 +42,17 @@ def _value_preserving():
 
 
 class UnmatchedTensors(RuntimeError):
-    """Some TFLite activation tensors have no PyTorch counterpart (names in ``args[0]``)."""
+    """Some TFLite activation tensors have no PyTorch counterpart (indices in ``args[0]``)."""
+
+
+class AmbiguousTensors(UnmatchedTensors):
+    """Some TFLite activation tensors match several fx nodes whose ranges differ, on every
+    image compared: ``args[0]`` the tensor indices, ``ties`` tensor -> the tied nodes (in
+    execution order). Which range is right is unknown, so none is picked."""
+
+    @property
+    def ties(self) -> dict[int, list[str]]:
+        return self.args[1]
 
 
 def trace(model):
@@ -142,16 +158,26 @@ def activation_tensors(model: bytes) -> list[int]:
 
 
 def tflite_values(model: bytes, x_nhwc: np.ndarray, tensors: list[int]) -> dict[int, np.ndarray]:
-    """The values of ``tensors`` when the FP32 model runs one NHWC image (reference kernels,
-    every intermediate kept)."""
+    """The values of ``tensors`` when the FP32 model runs the NHWC batch ``x_nhwc`` (reference
+    kernels, every intermediate kept), one image at a time; the images' values are
+    concatenated on the batch axis."""
+    per_image = list(_tflite_runs(model, x_nhwc, tensors))
+    return {t: np.concatenate([np.atleast_1d(values[t]) for values in per_image]) for t in tensors}
+
+
+def _tflite_runs(model: bytes, x_nhwc: np.ndarray, tensors: list[int]):
+    """For each image of the NHWC batch ``x_nhwc``: ``{tensor: value}`` of the FP32 model on
+    it. One interpreter serves all images; only one image's values are held at a time."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     interp = Interpreter(model_content=model, experimental_preserve_all_tensors=True,
                          experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     interp.allocate_tensors()
-    interp.set_tensor(interp.get_input_details()[0]["index"], np.ascontiguousarray(x_nhwc, np.float32))
-    interp.invoke()
-    return {t: interp.get_tensor(t).copy() for t in tensors}
+    index = interp.get_input_details()[0]["index"]
+    for i in range(len(x_nhwc)):
+        interp.set_tensor(index, np.ascontiguousarray(x_nhwc[i:i + 1], np.float32))
+        interp.invoke()
+        yield {t: interp.get_tensor(t).copy() for t in tensors}
 
 
 def nhwc_views(v: np.ndarray) -> list[np.ndarray]:
@@ -162,42 +188,148 @@ def nhwc_views(v: np.ndarray) -> list[np.ndarray]:
     return [nhwc, nhwc[:, ::-1, ::-1, :]]
 
 
-def match_tensors(model: bytes, gm, sample: np.ndarray) -> dict[int, str]:
-    """Pair every activation tensor of the FP32 TFLite ``model`` with the fx node of ``gm``
-    computing the same value on ``sample`` (one NCHW image); raise UnmatchedTensors if any
-    tensor has none.
+class TensorPairing:
+    """Which fx node computes each TFLite activation tensor, decided image by image.
 
-    PyTorch values are compared as the fx interpreter produces them and then dropped, so only
-    the TFLite side is held in memory at once (this runs while the converter works).
+    For every image: :meth:`start_image` with the TFLite values on it, :meth:`offer` with
+    every PyTorch value on the same image (NCHW), in execution order, then :meth:`end_image`
+    (which drops the image's values). A node (in one orientation, see :func:`nhwc_views`)
+    stays a candidate for a tensor only while it matches within ``MATCH_TOLERANCE`` on every
+    image so far: the candidates after N images are exactly the nodes each image alone would
+    have accepted. :meth:`result` then decides. Pure numpy: nothing here runs a model.
+    """
+
+    def __init__(self, tensors: list[int]):
+        self.tensors = list(tensors)
+        self.images = 0
+        # tensor -> {(node, view): worst relative error so far}; None before the first image
+        self._candidates: dict[int, dict[tuple[str, int], float]] | None = None
+        self._matched: dict[int, dict[tuple[str, int], float]] | None = None  # this image's
+        self._order: dict[str, int] = {}  # node -> position in execution order
+
+    def start_image(self, flite: dict[int, np.ndarray]) -> None:
+        """Begin an image: ``flite`` holds the TFLite value of every tensor on it."""
+        self.end_image()
+        self._flite = flite
+        # relative to the tensor's largest |value| on this image, so the floor only matters
+        # for a tensor that is all zero here (then only a node that is all zero matches)
+        self._scale = {t: max(float(np.abs(flite[t]).max(initial=0.0)), 1e-6) for t in self.tensors}
+        self._by_shape: dict[tuple, list[int]] = {}
+        for t in self.tensors:
+            self._by_shape.setdefault(flite[t].shape, []).append(t)
+        self._matched = {t: {} for t in self.tensors}
+
+    def offer(self, node: str, value: np.ndarray) -> None:
+        """Compare the PyTorch value of ``node`` on the current image with every tensor still
+        open to it; the value is not kept."""
+        self._order.setdefault(node, len(self._order))
+        for view_index, view in enumerate(nhwc_views(value)):
+            key = (node, view_index)
+            for t in self._by_shape.get(view.shape, ()):
+                earlier = 0.0
+                if self._candidates is not None:  # later images only confirm earlier matches
+                    if key not in self._candidates[t]:
+                        continue
+                    earlier = self._candidates[t][key]
+                err = float(np.abs(view - self._flite[t]).max()) / self._scale[t]
+                if err <= MATCH_TOLERANCE:
+                    self._matched[t][key] = max(err, earlier, self._matched[t].get(key, 0.0))
+
+    def end_image(self) -> None:
+        """Close the current image (if any): only what matched on it stays a candidate."""
+        if self._matched is not None:
+            self._candidates, self._matched = self._matched, None
+            self._flite = self._scale = self._by_shape = None
+            self.images += 1
+
+    def candidates(self, t: int) -> dict[str, float]:
+        """Node -> its smallest worst-image error over orientations, for tensor ``t``."""
+        self.end_image()
+        found: dict[str, float] = {}
+        for (node, _), err in (self._candidates or {}).get(t, {}).items():
+            found[node] = min(err, found.get(node, math.inf))
+        return found
+
+    def result(self, ranges: dict[str, tuple[float, float]] | None = None) -> dict[int, str]:
+        """Tensor -> fx node; raise :class:`UnmatchedTensors` if some tensor has no candidate.
+
+        Of several candidates the one with the smallest error wins, on a tie the later node:
+        a ReLU6 over a conv whose outputs all happen to lie in [0, 6] is still the tensor
+        TFLite stores (it fuses the two). With ``ranges`` (node -> (min, max)) only nodes
+        that have a range are candidates (the caller's ranges name the nodes TFLite stores:
+        QAT's leave out conv outputs fused with their activation), and a tensor whose
+        candidates have different ranges raises :class:`AmbiguousTensors`: picking one would
+        set a range that may be the wrong node's.
+        """
+        self.end_image()
+        if self.images == 0:
+            raise ValueError("no image was compared")
+        pairs: dict[int, str] = {}
+        unmatched: list[int] = []
+        ties: dict[int, list[str]] = {}
+        for t in self.tensors:
+            found = self.candidates(t)
+            if ranges is not None:
+                found = {node: err for node, err in found.items() if node in ranges}
+            if not found:
+                unmatched.append(t)
+                continue
+            if ranges is not None and len({tuple(ranges[node]) for node in found}) > 1:
+                ties[t] = sorted(found, key=self._order.__getitem__)
+            pairs[t] = max(found, key=lambda node: (-found[node], self._order[node]))
+        if unmatched:
+            raise UnmatchedTensors(unmatched)
+        if ties:
+            raise AmbiguousTensors(sorted(ties), ties)
+        return pairs
+
+
+def pair_tensors(images, ranges: dict[str, tuple[float, float]] | None = None) -> dict[int, str]:
+    """The pairing decision alone (see :class:`TensorPairing`), over arrays: ``images`` yields,
+    per image, ``(tflite, node_values)``: the TFLite values ``{tensor: array}`` and the
+    PyTorch ``(node, array)`` pairs on that image, in execution order."""
+    pairing = None
+    for flite, node_values in images:
+        if pairing is None:
+            pairing = TensorPairing(list(flite))
+        pairing.start_image(flite)
+        for node, value in node_values:
+            pairing.offer(node, value)
+        pairing.end_image()
+    if pairing is None:
+        raise ValueError("no image was compared")
+    return pairing.result(ranges)
+
+
+def match_tensors(model: bytes, gm, samples: np.ndarray,
+                  ranges: dict[str, tuple[float, float]] | None = None) -> dict[int, str]:
+    """Pair every activation tensor of the FP32 TFLite ``model`` with the fx node of ``gm``
+    computing the same value on each image of ``samples`` (an NCHW batch of N >= 1 images;
+    ``MATCH_IMAGES`` is a good N); raise :class:`UnmatchedTensors` if some tensor has none,
+    and with ``ranges`` :class:`AmbiguousTensors` if some tensor matches nodes of different
+    ranges (see :meth:`TensorPairing.result`).
+
+    The graphs run one image at a time, and PyTorch values are compared as the fx
+    interpreter produces them and then dropped, so only one image's TFLite values are held
+    in memory at once (this runs while the converter works).
     """
     import torch
 
+    samples = np.asarray(samples)
+    if samples.ndim != 4 or len(samples) == 0:
+        raise ValueError(f"samples must be an NCHW batch of at least one image, not shape {samples.shape}")
     tensors = activation_tensors(model)
-    by_shape: dict[tuple, list[int]] = {}
-    flite = tflite_values(model, sample.transpose(0, 2, 3, 1), tensors)
-    for t, value in flite.items():
-        by_shape.setdefault(value.shape, []).append(t)
-    scale = {t: max(float(np.abs(v).max()), 1e-6) for t, v in flite.items()}
-    best: dict[int, tuple[float, str]] = {}
-
+    pairing = TensorPairing(tensors)
     alias = aliases(gm)
-
-    def compare(name, v):
-        name = alias.get(name, name)
-        for view in nhwc_views(v.numpy()):
-            for t in by_shape.get(view.shape, ()):
-                err = float(np.abs(view - flite[t]).max()) / scale[t]
-                # On a tie the later node wins: a ReLU6 over a conv whose outputs all happen
-                # to lie in [0, 6] is still the tensor TFLite stores (it fuses the two).
-                if err <= MATCH_TOLERANCE and err <= best.get(t, (math.inf,))[0]:
-                    best[t] = (err, name)
-
+    recorder = recording_interpreter(gm, lambda name, v: pairing.offer(alias.get(name, name), v.numpy()))
+    nhwc = samples.transpose(0, 2, 3, 1)
     with torch.no_grad():
-        recording_interpreter(gm, compare).run(torch.from_numpy(np.ascontiguousarray(sample, np.float32)))
-    unmatched = [t for t in tensors if t not in best]
-    if unmatched:
-        raise UnmatchedTensors(unmatched)
-    return {t: name for t, (_, name) in best.items()}
+        for i, flite in enumerate(_tflite_runs(model, nhwc, tensors)):
+            pairing.start_image(flite)
+            del flite  # held by the pairing until end_image: one image's values at a time
+            recorder.run(torch.from_numpy(np.ascontiguousarray(samples[i:i + 1], np.float32)))
+            pairing.end_image()
+    return pairing.result(ranges)
 
 
 def with_ranges(model: bytes, ranges: dict[int, tuple[float, float]]) -> bytes:
@@ -215,16 +347,15 @@ def with_ranges(model: bytes, ranges: dict[int, tuple[float, float]]) -> bytes:
     return pack_model(obj, size_hint=len(model))
 
 
-def calibrated_model(model: bytes, gm, sample: np.ndarray,
+def calibrated_model(model: bytes, gm, samples: np.ndarray,
                      ranges: dict[str, tuple[float, float]]) -> tuple[bytes, dict[int, str]]:
     """FP32 ``model`` annotated with ``ranges`` (fx node -> (min, max), see
-    :func:`node_ranges`), its tensors paired to nodes on ``sample`` (one NCHW image).
+    :func:`node_ranges`), its tensors paired to nodes on ``samples`` (an NCHW batch of
+    N >= 1 images, see :func:`match_tensors`; pass ``MATCH_IMAGES`` of them).
 
-    Returns the annotated model and the tensor -> node pairing. A tensor whose node has no
-    range counts as unmatched.
+    Returns the annotated model and the tensor -> node pairing. Raises
+    :class:`UnmatchedTensors` when a tensor has no node with a range, and its subclass
+    :class:`AmbiguousTensors` when a tensor matches nodes whose ranges differ.
     """
-    pairs = match_tensors(model, gm, sample)
-    missing = [t for t, name in pairs.items() if name not in ranges]
-    if missing:
-        raise UnmatchedTensors(missing)
+    pairs = match_tensors(model, gm, samples, ranges)
     return with_ranges(model, {t: ranges[name] for t, name in pairs.items()}), pairs
