@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgestar.models.anatomy import ROTATION_EQUIVARIANT_ONNX_OPS, SPATIAL_REDUCTION_ONNX_OPS
+
 # Ops through which a 180-degree rotation of NCHW feature maps commutes, as StarNet uses them.
-_EQUIVARIANT = {"Conv", "Clip", "Relu", "Mul", "Add", "Sub", "Identity", "BatchNormalization",
-                "Sigmoid", "HardSigmoid", "HardSwish", "Div"}
-_INVARIANT_AFTER = {"ReduceMean", "GlobalAveragePool"}  # spatial reductions end the rotated part
 _BROADCASTING = {"Mul", "Add", "Sub", "Div"}  # elementwise ops whose other operand may be a constant
 ROTATION_NODE = "edgestar_rotate_input_180"
 
@@ -114,7 +113,7 @@ def _rotation_safe(graph, shapes) -> bool:
     known_shapes = {**shapes, **_constant_shapes(graph)}
     from_input = _computed_from_input(graph)
     for node in graph.node:
-        if node.op_type in _INVARIANT_AFTER:
+        if node.op_type in SPATIAL_REDUCTION_ONNX_OPS:
             if node.op_type == "ReduceMean":
                 axes = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axes"),
                             None)
@@ -129,7 +128,7 @@ def _rotation_safe(graph, shapes) -> bool:
             if not all(shapes[node.input[0]]) or not all(shapes.get(node.output[0], [0])):
                 return False
             continue
-        if node.op_type in _EQUIVARIANT:
+        if node.op_type in ROTATION_EQUIVARIANT_ONNX_OPS:
             # A broadcast constant must be the same at every position (per channel at most):
             # rotating the feature map under a constant that varies per position (say, a
             # positional embedding) changes which value meets which pixel.
@@ -194,7 +193,7 @@ def _after_reduction(graph, node) -> bool:
             if name in {i.name for i in graph.input}:
                 return False
             continue
-        if prod.op_type in _INVARIANT_AFTER:
+        if prod.op_type in SPATIAL_REDUCTION_ONNX_OPS:
             continue
         stack.extend(prod.input)
     return True

@@ -86,7 +86,7 @@ class OverlappedConversion:
 
     def _send(self, ranges, samples, ranges_file: Path, strict: bool, notes: list[str]) -> dict:
         from edgestar.convert.tflite_file import tensor_names
-        from edgestar.quant.ranges import UnmatchedTensors, calibrated_model
+        from edgestar.quant.ranges import AmbiguousTensors, UnmatchedTensors, calibrated_model
 
         job = self.job
         if ranges is None:
@@ -99,15 +99,19 @@ class OverlappedConversion:
         try:
             model, pairs = calibrated_model(job.float_model.read_bytes(), gm, samples, node_range)
         except UnmatchedTensors as exc:
-            names = tensor_names(job.float_model)
+            tensors, names = exc.args[0], tensor_names(job.float_model)
+            if isinstance(exc, AmbiguousTensors):
+                why = (f"{len(tensors)} TFLite tensors match several PyTorch values with different "
+                       f"ranges (e.g. {names[tensors[0]]}: {', '.join(exc.ties[tensors[0]])})")
+            else:
+                why = (f"{len(tensors)} TFLite tensors have no PyTorch counterpart with a range "
+                       f"(e.g. {names[tensors[0]]})")
             if strict:
-                raise StageError(f"{len(exc.args[0])} TFLite tensors have no range from QAT (e.g. "
-                                 f"{[names[t] for t in exc.args[0][:3]]}); the INT8 model would "
-                                 "not compute as trained") from None
+                raise StageError(f"{why}; the INT8 model would not compute as QAT trained it") from None
             job.calibrate_in_worker()
-            notes.append(f"{len(exc.args[0])} TFLite tensors had no unambiguous PyTorch counterpart "
-                         f"(e.g. {names[exc.args[0][0]]}); INT8 ranges came from TFLite's calibrator")
-            return {"calibrator": "tflite", "unmatched_tensors": exc.args[0]}
+            notes.append(f"{why}; INT8 ranges came from TFLite's calibrator instead")
+            key = "ambiguous_tensors" if isinstance(exc, AmbiguousTensors) else "unmatched_tensors"
+            return {"calibrator": "tflite", key: [names[t] for t in tensors]}
         if self._stop.is_set():
             return {"calibrator": "edgestar", "error": "cancelled"}
         job.quantize_with(model)

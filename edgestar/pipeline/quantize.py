@@ -50,12 +50,12 @@ from edgestar.pipeline.scoring import (EvaluationImages, engine_metrics, evaluat
 from edgestar.quant.diagnose import LAYER_ERRORS_FILE, diagnose_images, layer_errors, spread
 from edgestar.quant.ptq import EXACT as EXACT_RESCALINGS
 from edgestar.quant.ptq import calibration_ranges, correct_biases, rescale
+from edgestar.quant.ranges import MATCH_IMAGES
 
 DEMO_CLASSES = 10
 RANGES_FILE = "int8_ranges.json"  # the activation ranges the INT8 model was built with
 FOLD_TOLERANCE = 1e-4  # relative to the logit scale; folding is exact up to float rounding
 ONNX_PARITY_IMAGES = 64
-MATCH_IMAGES = 1  # images on which TFLite tensors are paired with PyTorch values
 WORST_SHOWN = 5  # tensors of the error table copied into the manifest's metrics
 PARITY_TOLERANCE = 1e-3  # FP32 TFLite / ONNX vs PyTorch, absolute logits: beyond it the model is wrong
 CONVERT_LOG = "convert.log"

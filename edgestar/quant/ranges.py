@@ -28,17 +28,13 @@ import math
 
 import numpy as np
 
+from edgestar.models.anatomy import value_preserving_modules
+
 MATCH_TOLERANCE = 1e-3  # max |TFLite - PyTorch| relative to the tensor's max |value|, per image
 # Images the tensor pairing compares on: on one image an all-zero tensor, or two nodes whose
 # values happen to coincide there, can match the wrong node; each further image must agree too.
 MATCH_IMAGES = 4
 RANGE_DIGITS = 5  # ranges are rounded outward to this many significant digits (see _round_out)
-
-
-def _value_preserving():
-    from torch import nn
-
-    return (nn.Identity, nn.Dropout, nn.Flatten)
 
 
 class UnmatchedTensors(RuntimeError):
@@ -71,7 +67,7 @@ def aliases(gm) -> dict[str, str]:
     found: dict[str, str] = {}
     for node in gm.graph.nodes:
         passes_on = (node.op == "output" or node.op == "call_module"
-                     and isinstance(modules.get(node.target), _value_preserving()))
+                     and isinstance(modules.get(node.target), value_preserving_modules()))
         if passes_on and isinstance(node.args[0], torch.fx.Node):
             source = node.args[0].name
             found[node.name] = found.get(source, source)
