@@ -8,7 +8,7 @@ from edgestar.data.images import Preprocessing
 from edgestar.errors import CheckpointError, InputError
 from edgestar.models import checkpoints
 from edgestar.models.checkpoints import (build_model, build_model_for_finetuning, read_checkpoint,
-                                          resolve_weights, save_checkpoint)
+                                         resolve_weights, save_checkpoint)
 from edgestar.models.starnet import create_model
 
 

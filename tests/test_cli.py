@@ -5,8 +5,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from edgestar.cli import cli
 import edgestar as pipeline  # the library API the CLI calls
+from edgestar.cli import cli
 
 
 def run(*args):

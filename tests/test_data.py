@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgestar.data.images import (Preprocessing, calibration_inputs, evaluation_set, list_images,
-                                  load_array, load_rgb, preprocess_image, read_batches, save_nhwc,
-                                  scan_image_folder)
+from edgestar.data.images import (Preprocessing, calibration_inputs, evaluation_set, list_images, load_array,
+                                  load_rgb, preprocess_image, read_batches, save_nhwc, scan_image_folder)
 from edgestar.errors import DataError, InputError
 
 

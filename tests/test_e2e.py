@@ -133,7 +133,8 @@ def assert_ranges_from_pytorch(manifest, int8_path, fp32_path):
 
     calibration = manifest["stages"]["convert"]["calibration"]
     assert calibration == {"calibrator": "edgestar", "ranges_file": "int8_ranges.json",
-                           "tensors": len(activation_tensors(Path(fp32_path).read_bytes()))}
+                           "tensors": len(activation_tensors(Path(fp32_path).read_bytes())),
+                           "paired_on_images": 4}
     ranges = json.loads((Path(fp32_path).parent / "int8_ranges.json").read_text())
     assert ranges["source"] == "calibration" and len(ranges["tensors"]) == calibration["tensors"]
     schema, graph, ops = operators(int8_path)
@@ -227,7 +228,13 @@ def test_float_io_and_other_resolution(offline_env, tmp_path):
     assert ops["QUANTIZE"] == 1 and ops["DEQUANTIZE"] == 1
     # s100: depths 1,2,4,1; at 64 px only the first stage's maps (16x16) get split convs
     assert_deployment_graph(report["artifacts"]["tflite_int8"], blocks=8, split=2)
-    assert set(report["artifacts"]) == {"onnx", "tflite_fp32", "tflite_int8", "layer_errors", "int8_ranges"}
+    # Random weights leave the late blocks' residual branches near zero, where several PyTorch
+    # values match one TFLite tensor with different ranges: TFLite's calibrator is used then.
+    manifest = json.loads((out / "manifest.json").read_text())
+    ranges_from = manifest["stages"]["convert"]["calibration"]["calibrator"]
+    assert ranges_from == "edgestar" or manifest["stages"]["convert"]["calibration"]["ambiguous_tensors"]
+    expected = {"onnx", "tflite_fp32", "tflite_int8", "layer_errors"}
+    assert set(report["artifacts"]) == expected | ({"int8_ranges"} if ranges_from == "edgestar" else set())
 
 
 def test_demo_main_job(offline_env, tmp_path):

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgestar.children import child_env
 from edgestar.convert import FORMATS, IO_TYPES
 from edgestar.data.images import save_nhwc
 from edgestar.errors import StageError
@@ -68,7 +69,7 @@ class Conversion:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "edgestar.convert.worker", "--serve", str(self.work)],
                                      cwd=self.work, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=_worker_env())
+                                     env=child_env())
 
     def submit(self, onnx_path: Path, outputs: dict[str, Path], *, calibration: np.ndarray,
                io_type: str, metadata: dict, mean, std,
@@ -187,7 +188,7 @@ class Requantizer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgestar.convert.worker", "--requantize", str(calibrated), io_type],
             cwd=self.work, stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT,
-            env=_worker_env())
+            env=child_env())
 
     def __call__(self, keep_float: list[str]) -> bytes:
         """The INT8 model with the ops writing ``keep_float`` (tensor names) in float."""
@@ -246,12 +247,3 @@ def last_error_line(log_path: Path, limit: int = 240) -> str | None:
                 w in text.lower() for w in _ERROR_WORDS):
             return text[:limit]
     return None
-
-
-def _worker_env() -> dict:
-    """Environment of a TensorFlow subprocess: CPU only, quiet, our interpreter's scripts
-    first on PATH (onnx2tf runs onnxsim from PATH)."""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1")
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return env

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgestar.children import die_with_parent
 from edgestar.convert.client import CALIBRATE_HERE, CALIBRATION_FILE, FLOAT_MODEL, RANGES_MODEL, SPEC_FILE
 from edgestar.convert.tflite_file import add_metadata
 from edgestar.files import atomic_write_bytes
@@ -282,6 +283,7 @@ def _exit_now(code: int) -> None:
 
 
 if __name__ == "__main__":
+    die_with_parent()  # a killed quantize must not leave a converter writing into its run
     if sys.argv[1] == "--serve":
         _exit_now(_serve(sys.argv[2]))
     if sys.argv[1] == "--requantize":

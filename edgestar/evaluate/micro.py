@@ -15,8 +15,8 @@ import numpy as np
 
 from edgestar.data.images import ImageFolder, Preprocessing, load_batch, subsample
 from edgestar.errors import InputError
-from edgestar.evaluate.runners import (MICRO_MISSING, MicroRunner, TFLiteRunner, dequantize,
-                                       micro_available, micro_seconds_per_image)
+from edgestar.evaluate.runners import (MICRO_MISSING, MicroRunner, TFLiteRunner, dequantize, micro_available,
+                                       micro_seconds_per_image)
 from edgestar.evaluate.validate import EngineStats
 
 # Seconds of TFLM inference one default run may add: 10 s is about 460 images of the demo

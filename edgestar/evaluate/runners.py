@@ -16,7 +16,6 @@ import numpy as np
 
 from edgestar.errors import StageError
 
-
 LITERT_BANNER = "INFO: Created TensorFlow Lite XNNPACK delegate"
 
 
@@ -237,13 +236,16 @@ def run_micro(path: Path, inputs: np.ndarray, *, arena_size: int, timeout_s: flo
     import subprocess
     import tempfile
 
+    from edgestar.children import child_env
+
     path = Path(path)
     with tempfile.TemporaryDirectory(prefix="edgestar-tflm-") as tmp:
         np.save(f"{tmp}/in.npy", inputs)
         command = _micro_command(path, f"{tmp}/in.npy", f"{tmp}/out.npy", arena_size)
         try:
             # On time-out subprocess.run kills the child (SIGKILL) and reaps it before raising.
-            proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                                  env=child_env())
         except subprocess.TimeoutExpired:
             raise StageError(f"TFLite Micro did not finish {len(inputs)} image(s) of {path} within "
                              f"its time-out of {_seconds(timeout_s)} s (a hung kernel?); the child "
@@ -305,4 +307,7 @@ def _micro_main(model: str, inputs: str, outputs: str, arena_size: str) -> None:
 
 
 if __name__ == "__main__":
+    from edgestar.children import die_with_parent
+
+    die_with_parent()
     _micro_main(*sys.argv[1:5])

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from edgestar.quant.diagnose import format_rows
 
-
 ROW_NAMES = {"onnx": "onnx fp32", "tflite_mixed": "tflite int8+float"}  # the fallback's mixed model
 
 
