@@ -28,11 +28,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import measure  # noqa: E402
 
-from edgestar.models.checkpoints import build_model, save_checkpoint  # noqa: E402
-from edgestar.data.images import Preprocessing, calibration_inputs, evaluation_set, load_batch  # noqa: E402
+from edgestar import (OnnxRunner, Preprocessing, TFLiteRunner, TorchRunner, build_model,  # noqa: E402
+                      calibration_inputs, evaluation_set, op_counts, save_checkpoint)
+from edgestar.convert.tflite_file import grouped_convs  # noqa: E402
+from edgestar.data.images import load_batch  # noqa: E402
 from edgestar.models.starnet import count_params, create_model  # noqa: E402
-from edgestar.evaluate.runners import OnnxRunner, TFLiteRunner, TorchRunner  # noqa: E402
-from edgestar.convert.tflite_file import grouped_convs, op_counts  # noqa: E402
 
 BIN = Path(sys.executable).parent
 

@@ -16,12 +16,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from naive_vs_edgestar import checkpoint_arguments, prepare  # noqa: E402
 
+from edgestar import TFLiteRunner, calibration_inputs, op_counts  # noqa: E402
 from edgestar.convert.client import convert  # noqa: E402
-from edgestar.data.images import calibration_inputs  # noqa: E402
 from edgestar.export.onnx_export import export_onnx  # noqa: E402
 from edgestar.models.starnet import fold_batchnorms  # noqa: E402
-from edgestar.evaluate.runners import TFLiteRunner  # noqa: E402
-from edgestar.convert.tflite_file import op_counts  # noqa: E402
 
 
 def main():
