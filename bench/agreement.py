@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     from edgestar.models.checkpoints import build_model
     from edgestar.data.images import batches, calibration_inputs, evaluation_set, load_images, qat_images
     from edgestar.quant.diagnose import node_labels
-    from edgestar.pipeline.quantize import QuantizeConfig, fold_for_target, preprocessing_for
+    from edgestar import QuantizeConfig
+    from edgestar.pipeline.torch_work import fold_for_target, preprocessing_for
     from edgestar.quant.ptq import calibration_ranges
     from edgestar.quant.qat import QATConfig, QConv2d, QLinear, finetune, quantized_nodes, simulate
     from edgestar.evaluate.validate import proportion_interval

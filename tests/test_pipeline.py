@@ -10,8 +10,10 @@ from edgestar.data.images import demo_split
 from edgestar.errors import InputError
 from edgestar.pipeline import overlap
 from edgestar.pipeline.config import QuantizeConfig
-from edgestar.pipeline.quantize import Run, calibration_data, default_out, gate
-from edgestar.pipeline.rundir import RunDir
+from edgestar.pipeline.gate import gate
+from edgestar.pipeline.quantize import calibration_data
+from edgestar.pipeline.run import Run
+from edgestar.pipeline.rundir import RunDir, default_out
 from edgestar.pipeline.scoring import evaluation_images, sanity_warnings
 from edgestar.report.summary import summary_table
 
@@ -178,7 +180,7 @@ def test_distillation_that_barely_moved_warns(tmp_path, monkeypatch):
     from edgestar.pipeline import quantize as pipeline
 
     info = {"source": "distilled", "count": 4, "bn_loss": 9.0, "initial_bn_loss": 10.0}
-    monkeypatch.setattr(pipeline, "_calibration", lambda *a: (np.zeros((4, 3, 32, 32), np.float32), info))
+    monkeypatch.setattr(pipeline, "calibration_set", lambda *a: (np.zeros((4, 3, 32, 32), np.float32), info))
     run = fake_run(tmp_path, config(calib="distilled"), model=None, pre=None)
     calibration_data(run)
     assert any("barely matched the BatchNorm statistics" in w for w in run.warnings)

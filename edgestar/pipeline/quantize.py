@@ -12,6 +12,10 @@ One function per stage, in the order they run, each over the :class:`Run` contex
   diagnose                                  the per-tensor INT8 error table
   gate (+ fallback)                         ``max_drop``, when asked
 
+Beside this file: ``run`` (the context), ``torch_work`` (calibration inputs, folding, QAT,
+range measurement), ``scoring`` (labels, evaluation, metrics, sanity checks), ``gate`` and
+``rundir`` (the run directory and its manifest).
+
 Each stage records its status, timing and measurements in the run's ``manifest.json``. Files
 are written to the run's staging folder and get their final names only when the run ends
 well (:class:`edgestar.pipeline.rundir.RunDir`). The accuracy gate is part of the API: the
@@ -21,35 +25,34 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import platform
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import numpy as np
 
 from edgestar import __version__
-from edgestar.data.images import Preprocessing, batches, calibration_inputs, read_batches
+from edgestar.data.images import batches
 from edgestar.errors import StageError
 from edgestar.evaluate.runners import OnnxRunner, TorchRunner
 from edgestar.export.onnx_export import export_onnx, max_abs_diff, onnx_op_counts
 from edgestar.files import atomic_write_json
 from edgestar.memory import peak_rss_mb, release_freed_memory
 from edgestar.models.checkpoints import build_model, sha256_file
-from edgestar.models.starnet import count_batchnorms, count_params, fold_batchnorms, split_large_depthwise
-from edgestar.pipeline.config import (DISTILLED, QuantizeConfig, check_config, config_dict, ptq_techniques,
-                                      qat_options)
-from edgestar.pipeline.rundir import RunDir
-from edgestar.pipeline.scoring import (EvaluationImages, engine_metrics, evaluate_tflite, evaluation_images,
-                                       micro_metrics, reference_logits, sanity_warnings)
+from edgestar.models.starnet import count_batchnorms, count_params
+from edgestar.pipeline.config import DISTILLED, QuantizeConfig, check_config, config_dict, ptq_techniques
+from edgestar.pipeline.gate import gate
+from edgestar.pipeline.run import CONVERT_LOG, Run
+from edgestar.pipeline.rundir import RunDir, default_out, files_digest, tool_versions
+from edgestar.pipeline.scoring import (engine_metrics, evaluate_tflite, evaluation_images, micro_metrics,
+                                       reference_logits, sanity_warnings)
+from edgestar.pipeline.torch_work import (calibration_set, finetune, fold_for_target, logits_of,
+                                          measure_ranges, preprocessing_for, qat_follower, qat_rank)
 from edgestar.quant.diagnose import LAYER_ERRORS_FILE, diagnose_images, layer_errors, spread
-from edgestar.quant.ptq import EXACT as EXACT_RESCALINGS
-from edgestar.quant.ptq import calibration_ranges, correct_biases, rescale
+from edgestar.quant.ptq import correct_biases
 from edgestar.quant.ranges import MATCH_IMAGES
 
 DEMO_CLASSES = 10
@@ -58,9 +61,7 @@ FOLD_TOLERANCE = 1e-4  # relative to the logit scale; folding is exact up to flo
 ONNX_PARITY_IMAGES = 64
 WORST_SHOWN = 5  # tensors of the error table copied into the manifest's metrics
 PARITY_TOLERANCE = 1e-3  # FP32 TFLite / ONNX vs PyTorch, absolute logits: beyond it the model is wrong
-CONVERT_LOG = "convert.log"
 
-TOOL_PACKAGES = ("torch", "tensorflow", "onnx", "onnx2tf", "onnxruntime", "ai-edge-litert", "numpy")
 
 
 @dataclass
@@ -87,58 +88,14 @@ class QuantizeResult:
         }
 
 
-@dataclass
-class Run:
-    """What the stages share: the configuration, the run directory and what each stage made
-    for the next. A stage reads the fields of earlier stages and sets its own."""
-
-    config: QuantizeConfig
-    dir: RunDir
-    scratch: Path
-    log: object
-    progress: object
-    notes: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    # load
-    model: object = None
-    ckpt: object = None
-    pre: Preprocessing | None = None
-    # evaluation_data, calibration_data
-    eval: EvaluationImages | None = None
-    calib: np.ndarray | None = None
-    # fold .. qat
-    techniques: tuple[str, ...] = ()
-    folded: object = None
-    qat: object = None
-    # export, convert
-    onnx: Path | None = None
-    paths: dict[str, Path] = field(default_factory=dict)  # format -> staged .tflite
-    calibrated: Path | None = None  # FP32 graph with INT8 ranges, for the float fallback
-    reference: np.ndarray | None = None  # PyTorch FP32 logits on the evaluation images
-    others: dict = field(default_factory=dict)  # further PyTorch logits (QAT, bias-corrected)
-    engines: dict = field(default_factory=dict)  # per-engine statistics (validate)
-    error_rows: list[dict] | None = None  # the error table (diagnose)
-
-    @property
-    def manifest(self) -> dict:
-        return self.dir.manifest
-
-    @property
-    def batch(self) -> int:
-        return batch_size_for(self.pre.img_size)
-
-    def artifact_name(self, fmt: str) -> str:
-        return f"starnet_{self.config.variant}_{self.pre.img_size}_{fmt}.tflite"
-
-
 def quantize(config: QuantizeConfig, *, progress_factory=None, log=None) -> QuantizeResult | None:
     """Run the whole pipeline; see the module docstring. Input errors raise InputError
     before the run directory exists; stage failures raise StageError after recording them.
     Under torchrun with ``qat``, only rank 0 returns a result (the others return None)."""
     log = log or (lambda msg: None)
     check_config(config)
-    if config.qat and _qat_rank() != 0:
-        _qat_follower(config)
+    if config.qat and qat_rank() != 0:
+        qat_follower(config)
         return None
     t_start = time.perf_counter()
     out = Path(config.out) if config.out else None
@@ -234,7 +191,7 @@ def evaluation_data(run: Run) -> None:
 def calibration_data(run: Run) -> None:
     config = run.config
     with run.dir.stage("calibration_data"):
-        run.calib, info = _calibration(run.model, run.pre, config, run.progress)
+        run.calib, info = calibration_set(run.model, run.pre, config, run.progress)
         run.manifest["inputs"]["calibration"] = info | {"sha256": hashlib.sha256(run.calib.tobytes()).hexdigest()}
     run.notes.extend(info.get("notes", []))
     if config.calib == DISTILLED:
@@ -257,8 +214,8 @@ def fold(run: Run) -> None:
     with run.dir.stage("fold") as rec:
         run.folded = fold_for_target(run.model, run.calib, run.pre, run.config.target, run.techniques, rec)
         probe = run.calib[: min(len(run.calib), 16)]
-        ref_probe = _logits(TorchRunner(run.model), probe)
-        diff = max_abs_diff(_logits(TorchRunner(run.folded), probe), ref_probe)
+        ref_probe = logits_of(TorchRunner(run.model), probe)
+        diff = max_abs_diff(logits_of(TorchRunner(run.folded), probe), ref_probe)
         rec.update(batchnorms_before=count_batchnorms(run.model),
                    batchnorms_after=count_batchnorms(run.folded), max_abs_logit_diff=diff)
         if diff > FOLD_TOLERANCE * max(1.0, float(np.abs(ref_probe).max())):
@@ -269,13 +226,13 @@ def bias_correction(run: Run) -> None:
     with run.dir.stage("bias_correction") as rec:
         probe = run.calib[: min(len(run.calib), 16)]
         run.folded, info = correct_biases(run.folded, batches(run.calib, run.batch))
-        rec.update(info, max_abs_logit_change=max_abs_diff(_logits(TorchRunner(run.folded), probe),
-                                                           _logits(TorchRunner(run.model), probe)))
+        rec.update(info, max_abs_logit_change=max_abs_diff(logits_of(TorchRunner(run.folded), probe),
+                                                           logits_of(TorchRunner(run.model), probe)))
 
 
 def qat(run: Run) -> None:
     with run.dir.stage("qat") as rec:
-        result = run.qat = _finetune(run.folded, run.calib, run.pre, run.config, run.techniques,
+        result = run.qat = finetune(run.folded, run.calib, run.pre, run.config, run.techniques,
                                      run.progress, run.log)
         run.folded = result.model
         rec.update(images=result.images, world_size=result.world_size, seconds=result.seconds,
@@ -288,7 +245,7 @@ def export(run: Run) -> None:
         run.onnx = exported["path"]
         rec["rotated_for_same_padding"] = exported["rotated_for_same_padding"]
         probe = run.calib[:ONNX_PARITY_IMAGES]  # TFLite FP32 is then checked on every eval image
-        parity = max_abs_diff(_logits(OnnxRunner(run.onnx), probe), _logits(TorchRunner(run.folded), probe))
+        parity = max_abs_diff(logits_of(OnnxRunner(run.onnx), probe), logits_of(TorchRunner(run.folded), probe))
         rec.update(ops=onnx_op_counts(run.onnx), onnxruntime_max_abs_logit_diff=parity,
                    parity_images=len(probe))
         run.manifest["metrics"]["onnx_parity_max_abs"] = parity
@@ -325,7 +282,7 @@ def convert(run: Run, conversion) -> None:
         release_freed_memory()
         t0 = time.perf_counter()
         ranges = ((trace(run.folded), run.qat.ranges) if run.qat else
-                  _measure_ranges(run.folded, conversion.calibration_file, config.calibrator,
+                  measure_ranges(run.folded, conversion.calibration_file, config.calibrator,
                                   run.pre.img_size, mse="mse-ranges" in run.techniques))
         rec["range_seconds"] = round(time.perf_counter() - t0, 3)
         conversion.send_ranges(ranges, samples, run.dir.staged(RANGES_FILE), strict=run.qat is not None,
@@ -440,122 +397,12 @@ def _layer_errors(run: Run) -> list[dict] | None:
     return layer_errors(run.paths["int8"], gm, pairs, images, chunk=run.batch)
 
 
-# --------------------------------------------------------------------------- the gate
-
-def gate(run: Run) -> bool:
-    """The ``max_drop`` gate, recorded in the manifest; with ``fallback`` float, a drop beyond
-    it first tries a mixed model with the worst tensors kept float. True without a gate."""
-    config, m = run.config, run.manifest
-    if config.max_drop is None:
-        return True
-    drop = m["metrics"].get("int8_top1_drop_pt")
-    gated = "tflite_int8"
-    if drop is not None and drop > config.max_drop and config.fallback == "float":
-        if not run.error_rows:
-            why = ("there is no error table to rank tensors by (TFLite's calibrator ran)"
-                   if run.error_rows is None else "the error table is empty")
-            m["fallback"] = {"ran": False, "why": why}
-            run.notes.append(f"--fallback float did not run: {why}")
-        else:
-            with run.dir.stage("fallback") as rec:
-                found = _float_fallback(run, rec)
-            if found is not None:
-                gated, drop = "tflite_mixed", m["metrics"]["mixed_top1_drop_pt"]
-                run.notes.append(
-                    f"--fallback float: {run.paths['mixed'].name} keeps {len(found.float_tensors)} "
-                    f"tensor(s) in float to meet --max-drop (size x{rec['bytes']['ratio']:.3f}, "
-                    f"latency x{rec['latency_ms']['ratio']:.2f} on this machine); the all-INT8 model "
-                    "is kept beside it")
-            else:
-                run.notes.append("--fallback float could not meet --max-drop even with every tensor "
-                                 "float; only the all-INT8 model was written")
-    passed = drop is not None and drop <= config.max_drop
-    m["gate"] = {"max_drop_pt": config.max_drop, "artifact": gated, "int8_top1_drop_pt": drop,
-                 "passed": passed}
-    run.dir.save()
-    return passed
-
-
-def _float_fallback(run: Run, rec: dict):
-    """Build, check and register the mixed INT8/float model (see :mod:`edgestar.quant.fallback`)."""
-    from edgestar.convert.deployable import check_deployable
-    from edgestar.convert.tflite_file import op_counts, read_metadata
-    from edgestar.evaluate.runners import compare_latency
-    from edgestar.quant.fallback import float_fallback
-
-    rows = run.error_rows
-    mixed = run.dir.staged(run.artifact_name("mixed"))
-    metadata = {**read_metadata(run.paths["int8"]), "format": "mixed"}
-    rec["tried"] = []
-    found = float_fallback(
-        run.calibrated, [r["tensor"] for r in rows], ref_top1=run.engines["torch_fp32"]["top1"],
-        max_drop=run.config.max_drop, io_type=run.config.io_type, metadata=metadata, out=mixed,
-        log_path=run.scratch / CONVERT_LOG, tried=rec["tried"],
-        evaluate=lambda path: evaluate_tflite({"tflite_mixed": path}, run.reference, {}, run.pre,
-                                              run.eval.folder, None, run.batch)["tflite_mixed"])
-    if found is None:
-        return None
-    check_deployable(mixed, "mixed")
-    run.paths["mixed"] = mixed
-    int8 = run.paths["int8"]
-    latency = compare_latency({"int8": int8, "mixed": mixed})
-    where = {r["tensor"]: r["where"] for r in rows}
-    rec["float_tensors"] = [where[t] for t in found.float_tensors]
-    rec["bytes"] = {"int8": int8.stat().st_size, "mixed": mixed.stat().st_size,
-                    "ratio": mixed.stat().st_size / int8.stat().st_size}
-    rec["latency_ms"] = {**latency, "ratio": latency["mixed"] / latency["int8"],
-                         "how": "median of 30 interleaved single-image runs, XNNPACK, 1 thread"}
-    rec["ops"] = dict(sorted(op_counts(mixed).items()))
-    run.dir.add_artifact("tflite_mixed", mixed, io_type=run.config.io_type,
-                         float_tensors=len(found.float_tensors))
-    run.engines["tflite_mixed"] = found.stats
-    metrics = run.manifest["metrics"]
-    mixed_metrics = engine_metrics(run.engines, len(run.eval.folder), run.eval.labelled, "tflite_mixed")
-    metrics["tflite_mixed"] = mixed_metrics["tflite_mixed"]
-    metrics["mixed_top1_drop_pt"] = mixed_metrics["int8_top1_drop_pt"]
-    metrics["fallback"] = {k: rec[k] for k in ("float_tensors", "bytes", "latency_ms")}
-    return found
-
-
 # --------------------------------------------------------------------------- helpers
-
-def tool_versions() -> dict:
-    versions = {"edgestar": __version__, "python": platform.python_version()}
-    for pkg in TOOL_PACKAGES:
-        try:
-            versions[pkg] = importlib_metadata.version(pkg)
-        except importlib_metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return versions
-
-
-def files_digest(paths, root: Path) -> str:
-    """sha256 over (relative path, file sha256) of every file used, in order."""
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(str(Path(p).relative_to(root)).encode() + b"\0" + sha256_file(p).encode() + b"\n")
-    return h.hexdigest()
-
-
-def default_out(variant: str) -> Path:
-    """``runs/<variant>-<time>``; ``-2``, ``-3``, ... when that exists (two runs in one second)."""
-    base = Path("runs") / f"{variant}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    out, n = base, 1
-    while out.exists():
-        n += 1
-        out = base.with_name(f"{base.name}-{n}")
-    return out
-
 
 def _keep_log(run: Run) -> None:
     log = run.scratch / CONVERT_LOG
     if log.exists() and run.dir.root is not None:
         shutil.copyfile(log, run.dir.staged(CONVERT_LOG))
-
-
-def preprocessing_for(config: QuantizeConfig, ckpt) -> Preprocessing:
-    pre = ckpt.preprocessing if ckpt and ckpt.preprocessing else Preprocessing(224)
-    return pre.with_size(config.img_size) if config.img_size else pre
 
 
 def _is_demo_model(run: Run) -> bool:
@@ -569,102 +416,3 @@ def _is_demo_model(run: Run) -> bool:
         p.name for p in demo_split("eval").iterdir() if p.is_dir())
 
 
-def batch_size_for(img_size: int) -> int:
-    """Images per PyTorch batch: 8 at 224 px, more at lower resolutions (activation memory
-    grows with the pixel count: S1's stem output alone is 1.6 MB per 224 px image)."""
-    return int(max(4, min(256, 8 * (224 / img_size) ** 2)))
-
-
-def _logits(runner, x: np.ndarray) -> np.ndarray:
-    """``runner`` over ``x`` in batches (activations, not weights, dominate memory at 224 px)."""
-    batch = batch_size_for(x.shape[-1])
-    return np.concatenate([runner(x[i:i + batch]) for i in range(0, len(x), batch)])
-
-
-def _measure_ranges(folded, calibration_file: Path, calibrator: str, img_size: int, *, mse: bool):
-    """(fx graph, fx node -> (min, max)) for the edgestar calibrator, measured on all cores
-    but the converter's over the NHWC calibration file; None for TFLite's calibrator."""
-    if calibrator != "edgestar":
-        return None
-    import torch
-
-    from edgestar.quant.ranges import trace
-
-    gm = trace(folded)
-
-    def nchw():
-        return (b.transpose(0, 3, 1, 2) for b in read_batches(calibration_file, batch_size_for(img_size)))
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
-    try:
-        return gm, calibration_ranges(gm, nchw, mse=mse)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _qat_rank() -> int:
-    """This process's rank when torchrun started several (QAT is data-parallel), else 0."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0
-    from edgestar.quant.qat import distributed_context
-
-    return distributed_context()[0]
-
-
-def _qat_follower(config: QuantizeConfig) -> None:
-    """A torchrun process other than rank 0: the same model and data, its share of every QAT
-    batch, nothing written. Rank 0 runs everything else."""
-    model, ckpt = build_model(config.variant, config.weights, num_classes=config.num_classes,
-                              allow_pickle=config.allow_pickle)
-    pre = preprocessing_for(config, ckpt)
-    calib, _ = _calibration(model, pre, config, None)
-    techniques = ptq_techniques(config)
-    folded = fold_for_target(model, calib, pre, config.target, techniques, {})
-    if "bias-correct" in techniques:
-        folded, _ = correct_biases(folded, batches(calib, batch_size_for(pre.img_size)))
-    _finetune(folded, calib, pre, config, techniques, None, None)
-
-
-def _calibration(model, pre, config: QuantizeConfig, progress_factory):
-    """The calibration inputs (NCHW float32) and their manifest entry: images from
-    ``config.calib``, or, for ``distilled``, inputs synthesized from the model's BatchNorm
-    statistics (:mod:`edgestar.data.distill`)."""
-    if config.calib != DISTILLED:
-        return calibration_inputs(config.calib, pre, samples=config.calib_samples,
-                                  seed=config.seed, progress_factory=progress_factory)
-    from edgestar.data.distill import distilled_inputs
-
-    bar = progress_factory(config.calib_samples, "distilled calibration images") if progress_factory else None
-    try:
-        return distilled_inputs(model, config.calib_samples, pre.img_size, pre.mean, pre.std,
-                                seed=config.seed, progress=bar)
-    finally:
-        if bar is not None:
-            bar.close()
-
-
-def fold_for_target(model, calib: np.ndarray, pre, target: str, techniques, rec: dict):
-    """The model as it will be converted, exactly equal in float: BatchNorm folded, the exact
-    rescalings of ``techniques`` applied, large depthwise convs split for ``target`` cpu.
-    What was done goes into ``rec``."""
-    folded = fold_batchnorms(model)
-    if set(techniques) & set(EXACT_RESCALINGS):
-        folded, rec["rescaled"] = rescale(folded, batches(calib, batch_size_for(pre.img_size)),
-                                          techniques)
-    if target == "cpu":
-        folded, rec["split_depthwise_convs"] = split_large_depthwise(folded, pre.img_size)
-    return folded
-
-
-def _finetune(folded, calib: np.ndarray, pre, config: QuantizeConfig, techniques, progress_factory, log):
-    """QAT of the folded model, its quantizers starting from the calibration ranges."""
-    from edgestar.data.images import qat_images
-    from edgestar.quant.qat import finetune
-    from edgestar.quant.ranges import trace
-
-    images = qat_images(config.train or config.calib)
-    start = calibration_ranges(trace(folded), lambda: batches(calib, batch_size_for(pre.img_size)),
-                               mse="mse-ranges" in techniques)
-    return finetune(folded, images, pre, start, config=qat_options(config),
-                    progress_factory=progress_factory, log=log)

@@ -4,17 +4,23 @@ every stage, so a failed run shows which stage failed and what it had measured s
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import platform
 import time
 from contextlib import contextmanager
+from datetime import datetime
+from importlib import metadata as importlib_metadata
 from pathlib import Path
 
+from edgestar import __version__
 from edgestar.errors import EdgestarError, InputError
 from edgestar.files import atomic_write_json, ensure_writable_dir
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+TOOL_PACKAGES = ("torch", "tensorflow", "onnx", "onnx2tf", "onnxruntime", "ai-edge-litert", "numpy")
 STAGING = ".incomplete"  # files of a run in progress; emptied when it ends
 
 
@@ -130,6 +136,36 @@ class RunDir:
             if src.name in artifacts:
                 artifacts[src.name]["path"] = name
         folder.rmdir()
+
+
+def tool_versions() -> dict:
+    versions = {"edgestar": __version__, "python": platform.python_version()}
+    for pkg in TOOL_PACKAGES:
+        try:
+            versions[pkg] = importlib_metadata.version(pkg)
+        except importlib_metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return versions
+
+
+def files_digest(paths, root: Path) -> str:
+    """sha256 over (relative path, file sha256) of every file used, in order."""
+    from edgestar.models.checkpoints import sha256_file
+
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(str(Path(p).relative_to(root)).encode() + b"\0" + sha256_file(p).encode() + b"\n")
+    return h.hexdigest()
+
+
+def default_out(variant: str) -> Path:
+    """``runs/<variant>-<time>``; ``-2``, ``-3``, ... when that exists (two runs in one second)."""
+    base = Path("runs") / f"{variant}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
 
 
 def load_manifest(root: Path) -> dict:
