@@ -84,3 +84,16 @@ def offline_env(tmp_path_factory):
     env["EDGESTAR_NET_LOG"] = str(log)
     env["EDGESTAR_CACHE"] = str(guard_dir / "cache")
     return env, log
+
+
+@pytest.fixture
+def fake_python(tmp_path, monkeypatch):
+    """``fake_python(body)`` makes ``sys.executable`` a shell script running ``body``, so that a
+    child process edgestar starts (converter, re-quantizer, TFLite Micro) does that instead:
+    hangs, crashes, prints an error."""
+    def install(body: str) -> None:
+        script = tmp_path / "fake-python"
+        script.write_text("#!/bin/sh\n" + body + "\n")
+        script.chmod(0o755)
+        monkeypatch.setattr(sys, "executable", str(script))
+    return install

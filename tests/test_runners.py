@@ -3,8 +3,6 @@
 import importlib.util
 import os
 import re
-import stat
-import sys
 import time
 
 import numpy as np
@@ -59,15 +57,6 @@ def reshape_model(path, *, out_scale=OUT_SCALE, out_zero=OUT_ZERO):
     return path
 
 
-def fake_python(tmp_path, monkeypatch, body):
-    """Make ``sys.executable`` a shell script running ``body``, so that the child process
-    TFLite Micro would run in does that instead (hangs, crashes) whatever its arguments."""
-    script = tmp_path / "fake-python"
-    script.write_text("#!/bin/sh\n" + body + "\n")
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setattr(sys, "executable", str(script))
-
-
 def images(n=3, seed=0):
     return np.random.default_rng(seed).uniform(-1, 1, (n, 3, SIZE, SIZE)).astype(np.float32)
 
@@ -89,10 +78,10 @@ def test_micro_runner_runs_tflm_in_a_child(tmp_path):
 
 @needs_micro
 @needs_litert
-def test_micro_runner_times_out_and_kills_a_hung_child(tmp_path, monkeypatch):
+def test_micro_runner_times_out_and_kills_a_hung_child(tmp_path, fake_python):
     model = reshape_model(tmp_path / "tiny.tflite")
     pid_file = tmp_path / "child.pid"
-    fake_python(tmp_path, monkeypatch, f"echo $$ > {pid_file}\nexec sleep 60")
+    fake_python(f"echo $$ > {pid_file}\nexec sleep 60")
     runner = MicroRunner(model, timeout_s=1.5)
     t0 = time.monotonic()
     with pytest.raises(StageError) as info:
@@ -125,10 +114,9 @@ def test_default_time_out_scales_with_images_and_model(tmp_path, monkeypatch):
 
 @needs_micro
 @needs_litert
-def test_a_signal_is_reported_in_one_line(tmp_path, monkeypatch):
+def test_a_signal_is_reported_in_one_line(tmp_path, fake_python):
     model = reshape_model(tmp_path / "tiny.tflite")
-    fake_python(tmp_path, monkeypatch,
-                "echo 'micro_interpreter.cc:42 something went wrong' >&2\nkill -ABRT $$")
+    fake_python("echo 'micro_interpreter.cc:42 something went wrong' >&2\nkill -ABRT $$")
     with pytest.raises(StageError) as info:
         MicroRunner(model, timeout_s=30)(images())
     message = str(info.value)
