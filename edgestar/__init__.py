@@ -64,7 +64,6 @@ _API = {
     "InputError": "edgestar.errors",
     "StageError": "edgestar.errors",
 }
-_RENAMED: dict[str, str] = {}
 
 __all__ = ["__version__", *_API]
 
@@ -72,7 +71,7 @@ __all__ = ["__version__", *_API]
 def __getattr__(name: str):
     if name not in _API:
         raise AttributeError(f"module 'edgestar' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_API[name]), _RENAMED.get(name, name))
+    value = getattr(importlib.import_module(_API[name]), name)
     globals()[name] = value
     return value
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime
 from pathlib import Path
 
 import click
@@ -116,9 +115,9 @@ def cli():
 def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, drop_path,
           crop_pct, weights, seed, half, max_steps, out, force, quiet):
     """Train or fine-tune StarNet on an image folder."""
-    from edgestar import InputError, TrainConfig, demo_split
+    from edgestar import TrainConfig, demo_split
     from edgestar import train as run_train
-    from edgestar.files import ensure_writable_dir
+    from edgestar.pipeline.rundir import timestamp
     from edgestar.pipeline.train import percent
 
     if data == "demo":
@@ -126,16 +125,13 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
         val = val or "demo"
     if val == "demo":
         val = str(demo_split("eval"))
-    out = Path(out) if out else Path("runs") / f"{variant}-train-{_timestamp()}" / "model.pt"
-    # Refuse before training, not after minutes of it.
-    if out.exists() and not force:
-        raise InputError(f"--out {out} already exists; pass --force to overwrite it")
-    ensure_writable_dir(out.parent)
+    # The default folder is made only when the checkpoint is written (after the inputs passed).
+    out = Path(out) if out else Path("runs") / f"{variant}-train-{timestamp()}" / "model.pt"
     cfg = TrainConfig(variant=variant, img_size=img_size, epochs=epochs, batch_size=batch_size,
                       lr=lr, weight_decay=weight_decay, drop_path_rate=drop_path, seed=seed,
                       crop_pct=crop_pct, max_steps=max_steps)
     log = (lambda *_: None) if quiet else (lambda msg: click.echo(msg, err=True))
-    summary = run_train(cfg, data=data, out=out, val=val, weights=weights, half=half,
+    summary = run_train(cfg, data=data, out=out, val=val, weights=weights, half=half, overwrite=force,
                         progress_factory=progress_factory(quiet), log=log)
     top1 = summary["val_top1"]
     click.echo(f"wrote {out}" + (f" (held-out top-1 {percent(top1)})" if top1 is not None else ""))
@@ -237,10 +233,6 @@ def quantize(variant, weights, num_classes, img_size, calib, calib_samples, targ
         click.echo(f"Error: INT8 top-1 drop {drop:.2f} points exceeds --max-drop {max_drop}; "
                    f"report written to {result.out}", err=True)
         sys.exit(1)
-
-
-def _timestamp() -> str:
-    return datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,17 @@ def ensure_writable_dir(path: Path) -> Path:
     return path
 
 
+def check_can_create(path: Path, what: str = "output") -> None:
+    """Refuse, before any work, a ``path`` that could not be created: its nearest existing
+    folder must be writable. Nothing is created."""
+    path = Path(path).absolute()
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if existing == path and not path.is_dir():
+        return  # an existing file: whether to replace it is the caller's decision
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {path} cannot be created: {existing} is not writable")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path`` and rename it into place. The file
     gets the permissions a plain ``open(path, "w")`` would (``mkstemp`` makes it owner-only)."""

@@ -24,4 +24,7 @@ def peak_rss_mb() -> dict:
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
     self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1024
     child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale / 1024
-    return {"main": round(self_kb / 1024, 1), "largest_child": round(child_kb / 1024, 1)}
+    return {"main": round(self_kb / 1024, 1), "largest_child": round(child_kb / 1024, 1),
+            # getrusage: maxima over this Python process's life, so a second quantize() in the
+            # same process reports at least the first one's (bench/measure.py measures per run)
+            "scope": "process lifetime"}

@@ -322,9 +322,17 @@ def test_train_with_damaged_edgestar_checkpoint(tmp_path):
 def test_train_refuses_to_overwrite_out_before_training(tmp_path, monkeypatch):
     out = tmp_path / "m.pt"
     out.write_bytes(b"my earlier model")
-    monkeypatch.setattr(pipeline, "train", lambda *a, **k: pytest.fail("training started"))
+    from edgestar.pipeline import train as training
+
+    monkeypatch.setattr(training, "scan_image_folder", lambda *a, **k: pytest.fail("training started"))
     assert_one_line_error(train_cli("--out", out), str(out), "already exists", "--force")
     assert out.read_bytes() == b"my earlier model"
+
+
+def test_train_input_error_leaves_no_default_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(run("train", "--variant", "s050", "--data", tmp_path / "none"), "does not exist")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_train_force_overwrites_out(tmp_path):

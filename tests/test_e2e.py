@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgestar.errors import StageError
+
 pytestmark = pytest.mark.e2e
 
 # find_spec, not importorskip: importing onnx2tf at collection would load TensorFlow for
@@ -347,27 +349,36 @@ def test_converter_failure_is_a_stage_error_with_its_cause(tmp_path):
     assert not any(p.exists() for p in outputs.values())
 
 
-def test_failed_run_leaves_no_finished_looking_model(tmp_path, monkeypatch):
-    """A failure after conversion (here: in the diagnose stage) must not leave a loadable
-    .tflite under its final name, nor anything still running or writing into the run."""
+def _break_diagnose(monkeypatch):
+    from edgestar.pipeline import quantize as pipeline
+
+    monkeypatch.setattr(pipeline, "diagnose", lambda run: (_ for _ in ()).throw(StageError("it broke")))
+
+
+def _break_deployability_check(monkeypatch):
+    """Fails inside the convert stage, after the converter wrote the models, before they are
+    registered as artifacts."""
+    from edgestar.convert import deployable
+
+    monkeypatch.setattr(deployable, "check_deployable", lambda *a: (_ for _ in ()).throw(StageError("it broke")))
+
+
+@pytest.mark.parametrize("breaks", [_break_diagnose, _break_deployability_check])
+def test_failed_run_leaves_no_finished_looking_model(tmp_path, monkeypatch, breaks):
+    """A failure after conversion must not leave a loadable .tflite under its final name, nor
+    anything still running or writing into the run."""
     import threading
 
     from edgestar import QuantizeConfig, quantize
-    from edgestar.errors import StageError
-    from edgestar.pipeline import quantize as pipeline
 
-    def broken(run):
-        raise StageError("diagnose broke")
-
-    monkeypatch.setattr(pipeline, "diagnose", broken)
+    breaks(monkeypatch)
     run = tmp_path / "run"
-    with pytest.raises(StageError, match="diagnose broke"):
+    with pytest.raises(StageError, match="it broke"):
         quantize(QuantizeConfig(variant="s050", weights="none", num_classes=10, img_size=32,
                                 calib_samples=8, eval_samples=16, out=run))
     names = sorted(p.name for p in run.iterdir())
-    assert not [n for n in names if n.endswith((".tflite", ".onnx", ".json")) and n != "manifest.json"], names
-    assert "starnet_s050_32_int8.tflite.failed" in names and "convert.log" in names
-    assert ".incomplete" not in names
+    assert [n for n in names if not n.endswith(".failed")] == ["convert.log", "manifest.json"], names
+    assert "starnet_s050_32_int8.tflite.failed" in names and "starnet_s050_32_fp32.tflite.failed" in names
     assert json.loads((run / "manifest.json").read_text())["status"] == "failed"
     assert not [t for t in threading.enumerate() if t.name == "edgestar-send-ranges"]
 
@@ -386,3 +397,24 @@ def test_distilled_calibration_needs_no_images(offline_env, trained_s050, tmp_pa
     m = manifest["metrics"]
     assert m["fp32_parity_max_abs"] <= 1e-4
     assert m["int8_agreement"] >= 0.6  # a usable INT8 model without a single real image
+
+
+def test_bad_evaluation_image_found_mid_run_leaves_no_folder(tmp_path):
+    """Evaluation images are decoded only while the run works; an unreadable one is still the
+    user's input error (exit 2), and the folder the run had made goes with it."""
+    from PIL import Image
+
+    from edgestar import InputError, QuantizeConfig, quantize
+
+    evald = tmp_path / "eval"
+    for c in range(10):
+        (evald / f"c{c}").mkdir(parents=True)
+        Image.new("RGB", (32, 32), (c * 20, 0, 0)).save(evald / f"c{c}" / "ok.png")
+    Image.effect_noise((64, 64), 60).convert("RGB").save(evald / "c9" / "zz_broken.png")
+    whole = (evald / "c9" / "zz_broken.png").read_bytes()  # a valid header, the pixels cut off
+    (evald / "c9" / "zz_broken.png").write_bytes(whole[: len(whole) // 2])
+    run = tmp_path / "run"
+    with pytest.raises(InputError, match="zz_broken.png"):
+        quantize(QuantizeConfig(variant="s050", weights="none", num_classes=10, img_size=32,
+                                calib_samples=8, eval=str(evald), out=run))
+    assert not run.exists()

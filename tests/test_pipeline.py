@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from edgestar.data.images import demo_split
-from edgestar.errors import InputError
+from edgestar.errors import InputError, StageError
 from edgestar.pipeline import overlap
 from edgestar.pipeline.config import QuantizeConfig
 from edgestar.pipeline.gate import gate
@@ -30,7 +30,7 @@ def test_ten_classes_without_names_are_not_scored_against_demo_labels():
     """A bare 10-class state dict has no class names: the demo labels may not be its labels."""
     ev = evaluation_images(config(), 10, None, demo_model=False)
     assert not ev.labelled and "no class names" in ev.why
-    assert ev.demo  # measured on the demo images, which the summary must say
+    assert ev.demo_for_another_model  # the summary must say the images are not the user's
 
 
 def test_max_drop_without_trusted_labels_is_an_input_error():
@@ -40,7 +40,7 @@ def test_max_drop_without_trusted_labels_is_an_input_error():
 
 def test_matching_class_names_are_scored():
     ev = evaluation_images(config(), 10, DEMO_CLASSES, demo_model=True)
-    assert ev.labelled and not ev.demo
+    assert ev.labelled and not ev.demo_for_another_model
 
 
 def test_explicit_eval_is_scored_and_its_classes_recorded():
@@ -91,7 +91,7 @@ def test_fallback_that_cannot_run_says_why(tmp_path):
     run = fake_run(tmp_path, cfg, error_rows=None)
     run.manifest["metrics"]["int8_top1_drop_pt"] = 3.0
     assert gate(run) is False
-    assert run.manifest["fallback"] == {"ran": False, "why": "there is no error table to rank "
+    assert run.manifest["metrics"]["fallback"] == {"ran": False, "why": "there is no error table to rank "
                                         "tensors by (TFLite's calibrator ran)"}
     assert any("--fallback float did not run" in n for n in run.notes)
     assert run.manifest["gate"]["passed"] is False
@@ -133,12 +133,27 @@ def test_cancel_ends_the_ranges_thread_before_it_writes(tmp_path, monkeypatch):
     assert not job._thread.is_alive() and not ranges_file.exists()
 
 
-def test_default_out_never_reuses_a_folder(tmp_path, monkeypatch):
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    first = default_out("s1")
-    first.mkdir(parents=True)
-    second = default_out("s1")
-    assert second != first and not second.exists()
+    first, second = RunDir.pending(inputs={}), RunDir.pending(inputs={})
+    first.open_new(default_out("s1"))
+    second.open_new(default_out("s1"))  # the same name: the folder exists by now
+    assert first.root != second.root and second.root.name.endswith("-2")
+    assert (first.root / "manifest.json").exists() and (second.root / "manifest.json").exists()
+
+
+def test_an_error_in_the_ranges_thread_is_one_line(tmp_path, monkeypatch):
+    """A bug or I/O error while handing the ranges over is a StageError, not a traceback."""
+    class ReadyConversion(StuckConversion):
+        def wait_for(self, path, poll_s=0.01):
+            return True  # "the FP32 graph exists" -- but the file is not there
+
+    monkeypatch.setattr(overlap, "Conversion", ReadyConversion)
+    job = overlap.OverlappedConversion(tmp_path / "convert.log")
+    job.send_ranges((None, {}), None, tmp_path / "r.json", strict=False, notes=[])
+    with pytest.raises(StageError, match="handing the INT8 ranges to the converter failed: "
+                                         "FileNotFoundError"):
+        job.ranges_sent()
 
 
 # --------------------------------------------------------------------------- loud results
@@ -161,7 +176,7 @@ def minimal_manifest(**extra):
 
 def test_summary_shouts_warnings_and_names_the_evaluation_images():
     table = summary_table(minimal_manifest(warnings=["the INT8 model is broken"],
-                                           metrics={"eval_source": "demo images (not the user's data)"},
+                                           metrics={"eval_demo_images_for_another_model": True},
                                            inputs={"weights": {"spec": "none"}}))
     lines = table.splitlines()
     assert "WARNING: the INT8 model is broken" in lines

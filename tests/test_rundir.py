@@ -83,6 +83,15 @@ def test_failed_run_artifacts_are_quarantined(tmp_path):
     assert m["status"] == "failed" and m["artifacts"]["tflite_int8"]["path"] == "m.tflite.failed"
 
 
+def test_failed_run_renames_models_not_yet_registered(tmp_path):
+    """The converter writes models into the run before they are checked and registered: a
+    failure in between must not leave them under their final names."""
+    run = RunDir.create(tmp_path / "run")
+    run.staged("m_fp32.tflite").write_bytes(b"converted, never checked")
+    run.fail()
+    assert sorted(p.name for p in run.root.iterdir()) == ["m_fp32.tflite.failed", "manifest.json"]
+
+
 def test_finished_run_moves_artifacts_to_final_names(tmp_path):
     run = RunDir.create(tmp_path / "run")
     model = run.staged("m.tflite")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import os
 import pickle
 import shutil
@@ -27,6 +28,7 @@ import torch
 
 from edgestar.data.images import Preprocessing
 from edgestar.errors import CheckpointError, InputError
+from edgestar.files import atomic_write_bytes
 from edgestar.models.registry import DOWNSAMPLE_FACTOR, get_variant
 from edgestar.models.starnet import StarNet, create_model
 
@@ -327,6 +329,6 @@ def save_checkpoint(path: str | os.PathLike, model: StarNet, *, variant: str,
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())  # hidden temporary name, removed on failure

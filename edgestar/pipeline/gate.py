@@ -18,7 +18,7 @@ def gate(run: Run) -> bool:
         if not run.error_rows:
             why = ("there is no error table to rank tensors by (TFLite's calibrator ran)"
                    if run.error_rows is None else "the error table is empty")
-            m["fallback"] = {"ran": False, "why": why}
+            m["metrics"]["fallback"] = {"ran": False, "why": why}
             run.notes.append(f"--fallback float did not run: {why}")
         else:
             with run.dir.stage("fallback") as rec:
@@ -77,5 +77,5 @@ def _float_fallback(run: Run, rec: dict):
     mixed_metrics = engine_metrics(run.engines, len(run.eval.folder), run.eval.labelled, "tflite_mixed")
     metrics["tflite_mixed"] = mixed_metrics["tflite_mixed"]
     metrics["mixed_top1_drop_pt"] = mixed_metrics["int8_top1_drop_pt"]
-    metrics["fallback"] = {k: rec[k] for k in ("float_tensors", "bytes", "latency_ms")}
+    metrics["fallback"] = {"ran": True, **{k: rec[k] for k in ("float_tensors", "bytes", "latency_ms")}}
     return found

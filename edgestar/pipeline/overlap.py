@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edgestar.convert.client import Conversion
-from edgestar.errors import StageError
+from edgestar.errors import EdgestarError, StageError
 from edgestar.files import atomic_write_json
 from edgestar.memory import release_freed_memory
 
@@ -58,8 +58,13 @@ class OverlappedConversion:
     def ranges_sent(self) -> dict:
         """Wait for the thread; what it did, for the manifest (its error is raised here)."""
         self._thread.join()
-        if self._error is not None:
-            raise self._error
+        error = self._error
+        if isinstance(error, EdgestarError) or (error is not None and not isinstance(error, Exception)):
+            raise error
+        if error is not None:  # a bug or an I/O error in the hand-over: one line, cause chained
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise StageError(f"handing the INT8 ranges to the converter failed: "
+                             f"{type(error).__name__}: {first}") from error
         return self._sent
 
     def fp32_ready(self, path: Path) -> bool:

@@ -36,7 +36,7 @@ import numpy as np
 
 from edgestar import __version__
 from edgestar.data.images import batches
-from edgestar.errors import StageError
+from edgestar.errors import InputError, StageError
 from edgestar.evaluate.runners import OnnxRunner, TorchRunner
 from edgestar.export.onnx_export import export_onnx, max_abs_diff, onnx_op_counts
 from edgestar.files import atomic_write_json
@@ -49,13 +49,12 @@ from edgestar.pipeline.run import CONVERT_LOG, Run
 from edgestar.pipeline.rundir import RunDir, default_out, files_digest, tool_versions
 from edgestar.pipeline.scoring import (engine_metrics, evaluate_tflite, evaluation_images, micro_metrics,
                                        reference_logits, sanity_warnings)
-from edgestar.pipeline.torch_work import (calibration_set, finetune, fold_for_target, logits_of,
-                                          measure_ranges, preprocessing_for, qat_follower, qat_rank)
+from edgestar.pipeline.torch_work import (calibration_set, fold_for_target, logits_of, measure_ranges,
+                                          preprocessing_for, qat_finetune, qat_follower, qat_rank)
 from edgestar.quant.diagnose import LAYER_ERRORS_FILE, diagnose_images, layer_errors, spread
 from edgestar.quant.ptq import correct_biases
 from edgestar.quant.ranges import MATCH_IMAGES
 
-DEMO_CLASSES = 10
 RANGES_FILE = "int8_ranges.json"  # the activation ranges the INT8 model was built with
 FOLD_TOLERANCE = 1e-4  # relative to the logit scale; folding is exact up to float rounding
 ONNX_PARITY_IMAGES = 64
@@ -84,6 +83,7 @@ class QuantizeResult:
             "artifacts": {k: str(self.out / v["path"]) for k, v in m["artifacts"].items()},
             "metrics": m["metrics"],
             "warnings": self.warnings,
+            "notes": self.notes,  # with -q --json there is no table: the notes travel here
             "timings_s": m["timings_s"],
         }
 
@@ -108,18 +108,16 @@ def quantize(config: QuantizeConfig, *, progress_factory=None, log=None) -> Quan
 
         run = Run(config, run_dir, Path(scratch), log, progress_factory)
         conversion = OverlappedConversion(run.scratch / CONVERT_LOG)  # TensorFlow loads meanwhile
+        created = False  # whether this run made its folder (then an input error removes it)
         try:
             load(run)
             evaluation_data(run)
             calibration_data(run)
-            run_dir.open(out or default_out(config.variant))
+            created = run_dir.open(out) if out is not None else run_dir.open_new(default_out(config.variant))
             _run_stages(run, conversion)
             passed = gate(run)
-        except BaseException:
-            conversion.cancel()  # the converter and the ranges thread end here
-            if run_dir.root is not None:  # else nothing was written: a bad input leaves no folder
-                _keep_log(run)
-                run_dir.fail()  # a model from a failed run must not look like a finished one
+        except BaseException as exc:
+            _end_failed(run, conversion, exc, created_folder=created)
             raise
         m = run.manifest
         m["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
@@ -128,6 +126,24 @@ def quantize(config: QuantizeConfig, *, progress_factory=None, log=None) -> Quan
         _keep_log(run)
         run_dir.finish("ok" if passed else "failed_gate")
     return QuantizeResult(config, run_dir.root, m, passed, run.notes, run.warnings)
+
+
+def _end_failed(run: Run, conversion, exc: BaseException, *, created_folder: bool) -> None:
+    """After any failure: end the converter and the ranges thread first (nothing may write into
+    the run afterwards), then leave the run folder honest. An input error removes the folder
+    this run created (a bad input leaves nothing behind); any other failure keeps its record,
+    models renamed ``*.failed``. A second interrupt during this still ends the run folder."""
+    try:
+        conversion.cancel()
+    finally:
+        run_dir = run.dir
+        if run_dir.root is not None:
+            if isinstance(exc, InputError) and created_folder:
+                shutil.rmtree(run_dir.root, ignore_errors=True)
+            else:
+                run.manifest["notes"], run.manifest["warnings"] = run.notes, run.warnings
+                _keep_log(run)
+                run_dir.fail()
 
 
 def _run_stages(run: Run, conversion) -> None:
@@ -159,9 +175,6 @@ def load(run: Run) -> None:
                       "class_names": ckpt.class_names if ckpt else None}
         m["preprocessing"] = {**pre.to_dict(), "layout_torch": "NCHW", "layout_tflite": "NHWC",
                               "input_range": "RGB scaled to [0, 1], then (x - mean) / std"}
-    if ckpt is None:
-        run.notes.append("the weights are random (--weights none): accuracy, agreement and "
-                         "error figures describe an untrained model")
     run.log(f"loaded StarNet-{config.variant}: {model.num_classes} classes, {pre.img_size} px")
 
 
@@ -175,7 +188,7 @@ def evaluation_data(run: Run) -> None:
         run.manifest["inputs"]["evaluation"] = {
             "source": str(folder.root.resolve()), "count": len(folder), "labelled": ev.labelled,
             "labels": ev.why, "labels_source": folder.labels_source,
-            "label_file": str(folder.label_file) if folder.label_file else None, "classes": list(folder.classes), "demo_images_for_another_model": ev.demo,
+            "label_file": str(folder.label_file) if folder.label_file else None, "classes": list(folder.classes), "demo_images_for_another_model": ev.demo_for_another_model,
             "sha256": files_digest([p for p, _ in folder.samples], folder.root)}
     run.log(f"evaluation images: {len(folder)} from {folder.root} ({folder.labels_source}); "
             + ("accuracy is reported: " if ev.labelled else "no accuracy: ") + ev.why)
@@ -183,7 +196,7 @@ def evaluation_data(run: Run) -> None:
     if not ev.labelled:
         run.notes.append(f"no accuracy is reported: {ev.why}; pass --eval DIR with labelled "
                          "images of the model's classes")
-    if ev.demo:
+    if ev.demo_for_another_model:
         run.notes.append("agreement and parity were measured on the CIFAR-10 demo images "
                          f"(resized to {run.pre.img_size} px), not on your data; pass --eval DIR")
 
@@ -232,7 +245,7 @@ def bias_correction(run: Run) -> None:
 
 def qat(run: Run) -> None:
     with run.dir.stage("qat") as rec:
-        result = run.qat = finetune(run.folded, run.calib, run.pre, run.config, run.techniques,
+        result = run.qat = qat_finetune(run.folded, run.calib, run.pre, run.config, run.techniques,
                                      run.progress, run.log)
         run.folded = result.model
         rec.update(images=result.images, world_size=result.world_size, seconds=result.seconds,
@@ -332,7 +345,8 @@ def validate(run: Run) -> None:
         rec.update(engines=run.engines, images=len(folder), labelled=run.eval.labelled, source=str(folder.root))
         metrics = run.manifest["metrics"]
         metrics.update(engine_metrics(run.engines, len(folder), run.eval.labelled))
-        metrics["eval_source"] = "demo images (not the user's data)" if run.eval.demo else str(folder.root)
+        metrics["eval_source"] = str(folder.root)
+        metrics["eval_demo_images_for_another_model"] = run.eval.demo_for_another_model
         parity = metrics["fp32_parity_max_abs"]
         if parity > PARITY_TOLERANCE:
             raise StageError(f"the FP32 TFLite model disagrees with PyTorch by {parity:.3g} "
@@ -400,9 +414,13 @@ def _layer_errors(run: Run) -> list[dict] | None:
 # --------------------------------------------------------------------------- helpers
 
 def _keep_log(run: Run) -> None:
+    """The converter's log into the run (best effort: a failure here must not hide another)."""
     log = run.scratch / CONVERT_LOG
     if log.exists() and run.dir.root is not None:
-        shutil.copyfile(log, run.dir.staged(CONVERT_LOG))
+        try:
+            shutil.copyfile(log, run.dir.staged(CONVERT_LOG))
+        except OSError:
+            pass
 
 
 def _is_demo_model(run: Run) -> bool:
@@ -412,7 +430,7 @@ def _is_demo_model(run: Run) -> bool:
     names = run.ckpt.class_names if run.ckpt else None
     if run.config.weights == "demo":
         return True
-    return bool(names) and len(names) == DEMO_CLASSES and list(names) == sorted(
+    return bool(names) and list(names) == sorted(
         p.name for p in demo_split("eval").iterdir() if p.is_dir())
 
 

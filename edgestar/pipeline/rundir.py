@@ -16,7 +16,7 @@ from pathlib import Path
 
 from edgestar import __version__
 from edgestar.errors import EdgestarError, InputError
-from edgestar.files import atomic_write_json, ensure_writable_dir
+from edgestar.files import atomic_write_json, check_can_create, ensure_writable_dir
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -52,16 +52,35 @@ class RunDir:
             raise InputError(f"output folder {root} exists and is not a directory")
         if root.is_dir() and any(root.iterdir()):
             raise InputError(f"output folder {root} is not empty; choose a new --out")
-        existing = next(p for p in [root.absolute(), *root.absolute().parents] if p.exists())
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise InputError(f"output folder {root} cannot be created: {existing} is not writable")
+        check_can_create(root, "output folder")
 
-    def open(self, root: Path) -> None:
-        """Create the folder (new or empty) and write the manifest so far."""
+    def open(self, root: Path) -> bool:
+        """Create the folder (new or empty) and write the manifest so far; whether it was
+        created (rather than found empty)."""
         self.check_new(root)
+        created = not Path(root).exists()
         ensure_writable_dir(root)
         self.root = Path(root)
         self.save()
+        return created
+
+    def open_new(self, base: Path) -> bool:
+        """Create ``base``, or ``base-2``, ``base-3``, ... if it exists, atomically: two runs
+        started in the same second never share a folder. Returns True (it was created)."""
+        base = Path(base)
+        ensure_writable_dir(base.parent)
+        for n in range(1, 10_000):
+            root = base if n == 1 else base.with_name(f"{base.name}-{n}")
+            try:
+                root.mkdir()
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise InputError(f"cannot create output folder {root}: {exc.strerror}") from None
+            self.root = root
+            self.save()
+            return True
+        raise InputError(f"no free run folder name next to {base}")
 
     def path(self, name: str) -> Path:
         """Where ``name`` is once the run has ended (see :meth:`staged` while it runs)."""
@@ -116,8 +135,9 @@ class RunDir:
         self.save()
 
     def fail(self) -> None:
-        """End a failed run: artifacts leave the staging folder as ``<name>.failed`` (logs keep
-        their names), and the manifest says ``failed``."""
+        """End a failed run: every staged file but the logs leaves the staging folder as
+        ``<name>.failed`` (registered or not: the converter writes models before they are
+        checked), and the manifest says ``failed``."""
         self._unstage(suffix=".failed")
         self.manifest["status"] = "failed"
         self.save()
@@ -131,7 +151,7 @@ class RunDir:
             if src.name.endswith((".tmp", ".partial")):  # a write that never completed
                 src.unlink()
                 continue
-            name = src.name + (suffix if src.name in artifacts else "")
+            name = src.name if src.suffix == ".log" else src.name + suffix
             os.replace(src, self.root / name)
             if src.name in artifacts:
                 artifacts[src.name]["path"] = name
@@ -159,13 +179,13 @@ def files_digest(paths, root: Path) -> str:
 
 
 def default_out(variant: str) -> Path:
-    """``runs/<variant>-<time>``; ``-2``, ``-3``, ... when that exists (two runs in one second)."""
-    base = Path("runs") / f"{variant}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    out, n = base, 1
-    while out.exists():
-        n += 1
-        out = base.with_name(f"{base.name}-{n}")
-    return out
+    """``runs/<variant>-<time>``; :meth:`RunDir.open_new` adds ``-2``, ``-3``, ... when a run
+    started in the same second has it."""
+    return Path("runs") / f"{variant}-{timestamp()}"
+
+
+def timestamp() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 def load_manifest(root: Path) -> dict:

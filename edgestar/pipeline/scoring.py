@@ -23,7 +23,7 @@ class EvaluationImages:
     folder: ImageFolder
     labelled: bool  # may accuracy be reported against these labels?
     why: str  # how that was decided, for the log and the manifest
-    demo: bool  # the shipped CIFAR-10 demo images, not the user's data
+    demo_for_another_model: bool  # the shipped CIFAR-10 demo images scoring a model they are not for
 
 
 def evaluation_images(config, num_classes: int, class_names, *, demo_model: bool) -> EvaluationImages:

@@ -74,7 +74,7 @@ def qat_follower(config: QuantizeConfig) -> None:
     folded = fold_for_target(model, calib, pre, config.target, techniques, {})
     if "bias-correct" in techniques:
         folded, _ = correct_biases(folded, batches(calib, batch_size_for(pre.img_size)))
-    finetune(folded, calib, pre, config, techniques, None, None)
+    qat_finetune(folded, calib, pre, config, techniques, None, None)
 
 
 def calibration_set(model, pre, config: QuantizeConfig, progress_factory):
@@ -108,7 +108,7 @@ def fold_for_target(model, calib: np.ndarray, pre, target: str, techniques, rec:
     return folded
 
 
-def finetune(folded, calib: np.ndarray, pre, config: QuantizeConfig, techniques, progress_factory, log):
+def qat_finetune(folded, calib: np.ndarray, pre, config: QuantizeConfig, techniques, progress_factory, log):
     """QAT of the folded model, its quantizers starting from the calibration ranges."""
     from edgestar.data.images import qat_images
     from edgestar.quant.qat import finetune

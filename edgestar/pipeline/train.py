@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from edgestar.data.decoded import IN_MEMORY_LIMIT_BYTES, DecodedImages, normalize_uint8
 from edgestar.data.images import Preprocessing, scan_image_folder
 from edgestar.errors import InputError
+from edgestar.files import check_can_create
 from edgestar.models.checkpoints import build_model_for_finetuning, infer_num_classes, save_checkpoint
 from edgestar.models.registry import check_img_size
 
@@ -92,15 +93,18 @@ def _initial_model(cfg: TrainConfig, weights: str, n_classes: int, log):
 
 def train(cfg: TrainConfig, *, data: str, out: str | Path, val: str | None = None,
           weights: str = "none", num_classes: int | None = None, half: bool = False,
-          progress_factory=None, log=print) -> dict:
+          overwrite: bool = False, progress_factory=None, log=print) -> dict:
     """Train ``cfg.variant`` on the image folder ``data``; write an edgestar checkpoint to ``out``.
 
     ``weights`` (``none``, ``official``, ``demo`` or a path) is the starting point; when its
     classifier has another class count than ``data``, the classifier is replaced (and logged).
     Returns a summary with the final training loss and (if ``val`` is given) held-out top-1
-    as a fraction.
+    as a fraction. An existing ``out`` is refused unless ``overwrite``, before any training.
     """
     cfg.validate()
+    if Path(out).exists() and not overwrite:
+        raise InputError(f"--out {out} already exists; pass --force to overwrite it")
+    check_can_create(Path(out), "checkpoint")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     folder = scan_image_folder(data, what="training folder")

@@ -31,7 +31,7 @@ def summary_table(manifest: dict, out=None) -> str:
     parity = metrics.get("fp32_parity_max_abs")
     images = metrics.get("eval_images")
     foot = f"{images} evaluation images"
-    if str(metrics.get("eval_source", "")).startswith("demo images"):
+    if metrics.get("eval_demo_images_for_another_model"):
         foot += " (the CIFAR-10 demo set, not your data)"
     if not metrics.get("eval_labelled"):
         foot += " (labels not known to be the model's: no accuracy)"
@@ -46,8 +46,8 @@ def summary_table(manifest: dict, out=None) -> str:
     if micro:
         tail.append(f"TFLite Micro vs LiteRT INT8 on the same {micro['images']} images: top-1 "
                     f"{_pct(micro['top1'])} vs {_pct(micro['tflite_int8_top1_same_images'])}, "
-                    f"agreement {_pct(micro['agreement_with_tflite_int8'])}, max "
-                    f"{micro['max_lsb_diff']} LSB apart")
+                    f"agreement {_pct(micro['agreement_with_tflite_int8'])}"
+                    + (f", max {micro['max_lsb_diff']} LSB apart" if micro.get("max_lsb_diff") is not None else ""))
     drop_ci, agree_ci = metrics.get("int8_top1_drop_ci95_pt"), metrics.get("int8_agreement_ci95")
     if agree_ci:  # what these evaluation images can resolve
         tail.append("INT8 95 % intervals: " + (f"drop {drop_ci[0]:+.2f} to {drop_ci[1]:+.2f} pt, " if drop_ci else "")
