@@ -90,9 +90,11 @@ def test_fallback_that_cannot_run_says_why(tmp_path):
     cfg = config(max_drop=0.5, fallback="float")
     run = fake_run(tmp_path, cfg, error_rows=None)
     run.manifest["metrics"]["int8_top1_drop_pt"] = 3.0
+    run.manifest["stages"]["diagnose"] = {"skipped": "some TFLite tensors have no PyTorch counterpart"}
     assert gate(run) is False
-    assert run.manifest["metrics"]["fallback"] == {"ran": False, "why": "there is no error table to rank "
-                                        "tensors by (TFLite's calibrator ran)"}
+    assert run.manifest["metrics"]["fallback"] == {
+        "ran": False, "why": "there is no error table to rank tensors by (some TFLite tensors have "
+                             "no PyTorch counterpart)"}
     assert any("--fallback float did not run" in n for n in run.notes)
     assert run.manifest["gate"]["passed"] is False
 
@@ -199,3 +201,14 @@ def test_distillation_that_barely_moved_warns(tmp_path, monkeypatch):
     run = fake_run(tmp_path, config(calib="distilled"), model=None, pre=None)
     calibration_data(run)
     assert any("barely matched the BatchNorm statistics" in w for w in run.warnings)
+
+
+def test_no_error_table_from_an_ambiguous_pairing(tmp_path):
+    """When some tensors matched several PyTorch values, a per-tensor table would guess which
+    value each row compares against: it is skipped, and says why."""
+    from edgestar.pipeline.quantize import diagnose
+
+    run = fake_run(tmp_path, config())
+    run.manifest["stages"]["convert"] = {"calibration": {"calibrator": "tflite", "ambiguous_tensors": ["t"]}}
+    diagnose(run)
+    assert run.error_rows is None and "match several PyTorch values" in run.manifest["stages"]["diagnose"]["skipped"]

@@ -16,7 +16,8 @@ def gate(run: Run) -> bool:
     gated = "tflite_int8"
     if drop is not None and drop > config.max_drop and config.fallback == "float":
         if not run.error_rows:
-            why = ("there is no error table to rank tensors by (TFLite's calibrator ran)"
+            skipped = m["stages"].get("diagnose", {}).get("skipped", "it was not made")
+            why = (f"there is no error table to rank tensors by ({skipped})"
                    if run.error_rows is None else "the error table is empty")
             m["metrics"]["fallback"] = {"ran": False, "why": why}
             run.notes.append(f"--fallback float did not run: {why}")

@@ -374,6 +374,9 @@ def _evaluate_on_micro(run: Run, int8_logits: np.ndarray, rec: dict) -> None:
 
 def diagnose(run: Run) -> None:
     with run.dir.stage("diagnose") as rec:
+        if run.manifest["stages"]["convert"]["calibration"].get("ambiguous_tensors"):
+            rec["skipped"] = "some TFLite tensors match several PyTorch values: the table would guess"
+            return
         rows = run.error_rows = _layer_errors(run)
         if rows is None:
             rec["skipped"] = "some TFLite tensors have no PyTorch counterpart"

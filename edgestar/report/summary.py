@@ -30,11 +30,9 @@ def summary_table(manifest: dict, out=None) -> str:
     lines.insert(1, "-" * len(lines[0]))
     parity = metrics.get("fp32_parity_max_abs")
     images = metrics.get("eval_images")
-    foot = f"{images} evaluation images"
-    if metrics.get("eval_demo_images_for_another_model"):
-        foot += " (the CIFAR-10 demo set, not your data)"
-    if not metrics.get("eval_labelled"):
-        foot += " (labels not known to be the model's: no accuracy)"
+    caveats = (["the CIFAR-10 demo set, not your data"] if metrics.get("eval_demo_images_for_another_model")
+               else []) + ([] if metrics.get("eval_labelled") else ["labels not known to be the model's: no accuracy"])
+    foot = f"{images} evaluation images" + (f" ({'; '.join(caveats)})" if caveats else "")
     if parity is not None:
         foot += f"; FP32 TFLite vs PyTorch max |dlogit| {parity:.2e}"
     # What makes the numbers above suspect is said right under them.
