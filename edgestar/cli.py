@@ -118,7 +118,7 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
     from edgestar import TrainConfig, demo_split
     from edgestar import train as run_train
     from edgestar.pipeline.rundir import timestamp
-    from edgestar.pipeline.train import percent
+    from edgestar.report.summary import percent
 
     if data == "demo":
         data = str(demo_split("calib"))

@@ -20,6 +20,7 @@ from edgestar.errors import InputError
 from edgestar.files import check_can_create
 from edgestar.models.checkpoints import build_model_for_finetuning, infer_num_classes, save_checkpoint
 from edgestar.models.registry import check_img_size
+from edgestar.report.summary import percent
 
 
 @dataclass
@@ -73,11 +74,6 @@ def evaluate_torch(model, loader, pre: Preprocessing) -> float:
         correct += (pred == labels).sum().item()
         total += len(labels)
     return correct / max(total, 1)
-
-
-def percent(fraction: float) -> str:
-    """Accuracy the way every edgestar command prints it: ``79.80%``."""
-    return f"{fraction * 100:.2f}%"
 
 
 def _initial_model(cfg: TrainConfig, weights: str, n_classes: int, log):

@@ -11,7 +11,7 @@ def summary_table(manifest: dict, out=None) -> str:
     metrics = manifest["metrics"]
     ref_top1 = metrics.get("torch_fp32", {}).get("top1")
     rows = [("format", "bytes", "top-1", "drop (pt)", "agreement")]
-    rows.append(("pytorch fp32", "-", _pct(ref_top1), "-", "-"))
+    rows.append(("pytorch fp32", "-", percent(ref_top1), "-", "-"))
     for key, art in manifest["artifacts"].items():
         if key != "onnx" and not key.startswith("tflite_"):
             continue  # not a model (the error table, ...)
@@ -20,8 +20,8 @@ def summary_table(manifest: dict, out=None) -> str:
         drop = f"{(ref_top1 - top1) * 100:+.2f}" if None not in (top1, ref_top1) else "-"
         agree = stats.get("agreement")
         rows.append((ROW_NAMES.get(key, key.replace("tflite_", "tflite ")),
-                     f"{art['bytes']:,}", _pct(top1), drop if key != "onnx" else "-",
-                     _pct(agree) if agree is not None else "-"))
+                     f"{art['bytes']:,}", percent(top1), drop if key != "onnx" else "-",
+                     percent(agree) if agree is not None else "-"))
         if key == "tflite_int8" and "tflm_int8" in metrics:  # the same file on TFLite Micro
             rows.append(_micro_row(metrics["tflm_int8"], art["bytes"]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -43,13 +43,13 @@ def summary_table(manifest: dict, out=None) -> str:
     micro = metrics.get("tflm_int8")
     if micro:
         tail.append(f"TFLite Micro vs LiteRT INT8 on the same {micro['images']} images: top-1 "
-                    f"{_pct(micro['top1'])} vs {_pct(micro['tflite_int8_top1_same_images'])}, "
-                    f"agreement {_pct(micro['agreement_with_tflite_int8'])}"
+                    f"{percent(micro['top1'])} vs {percent(micro['tflite_int8_top1_same_images'])}, "
+                    f"agreement {percent(micro['agreement_with_tflite_int8'])}"
                     + (f", max {micro['max_lsb_diff']} LSB apart" if micro.get("max_lsb_diff") is not None else ""))
     drop_ci, agree_ci = metrics.get("int8_top1_drop_ci95_pt"), metrics.get("int8_agreement_ci95")
     if agree_ci:  # what these evaluation images can resolve
         tail.append("INT8 95 % intervals: " + (f"drop {drop_ci[0]:+.2f} to {drop_ci[1]:+.2f} pt, " if drop_ci else "")
-                    + f"agreement {_pct(agree_ci[0])} to {_pct(agree_ci[1])}")
+                    + f"agreement {percent(agree_ci[0])} to {percent(agree_ci[1])}")
     worst = metrics.get("worst_int8_tensors")
     if worst:
         tail += ["", "INT8 tensors with the most quantization error (layer_errors.json has all):"]
@@ -64,8 +64,9 @@ def _micro_row(micro: dict, size: int) -> tuple:
     top1, drop = micro.get("top1"), micro.get("top1_drop_pt")
     drop = f"{drop:+.2f}" if drop is not None else "-"
     name = f"tflm int8 ({micro['images']}/{micro['of_images']} img)"
-    return (name, f"{size:,}", _pct(top1), drop, _pct(micro["agreement"]))
+    return (name, f"{size:,}", percent(top1), drop, percent(micro["agreement"]))
 
 
-def _pct(v) -> str:
-    return "-" if v is None else f"{v * 100:.2f}%"
+def percent(fraction: float | None) -> str:
+    """Accuracy the way every edgestar command prints it: ``79.80%`` (``-`` for none)."""
+    return "-" if fraction is None else f"{fraction * 100:.2f}%"
