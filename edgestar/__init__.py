@@ -41,6 +41,13 @@ _API = {
     # train
     "train": "edgestar.pipeline.train",
     "TrainConfig": "edgestar.pipeline.train",
+    # bench
+    "bench": "edgestar.deploy.bench",
+    "BenchConfig": "edgestar.deploy.bench",
+    "BenchResult": "edgestar.deploy.bench",
+    "PROFILES": "edgestar.deploy.profiles",
+    "get_profile": "edgestar.deploy.profiles",
+    "parse_device": "edgestar.deploy.devices",
     # models and data
     "VARIANTS": "edgestar.models.registry",
     "DOWNSAMPLE_FACTOR": "edgestar.models.registry",

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from edgestar import __version__
+from edgestar.deploy.devices import KERNELS
 from edgestar.errors import EdgestarError
 from edgestar.models.registry import DOWNSAMPLE_FACTOR, VARIANTS
 from edgestar.pipeline.config import CALIBRATORS, EXTRA_FORMATS, FALLBACKS, IO_TYPES, PTQ_TECHNIQUES, TARGETS
@@ -233,6 +234,123 @@ def quantize(variant, weights, num_classes, img_size, calib, calib_samples, targ
         click.echo(f"Error: INT8 top-1 drop {drop:.2f} points exceeds --max-drop {max_drop}; "
                    f"report written to {result.out}", err=True)
         sys.exit(1)
+
+
+class IntList(click.ParamType):
+    """Comma-separated non-negative integers, e.g. ``1,2,4``."""
+
+    name = "LIST"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        items = [v.strip() for v in str(value).split(",")]
+        if not all(v.isdigit() for v in items):
+            self.fail(f"{value!r} is not a comma-separated list of whole numbers", param, ctx)
+        return tuple(dict.fromkeys(int(v) for v in items))
+
+
+class ChoiceList(click.ParamType):
+    name = "LIST"
+
+    def __init__(self, choices):
+        self.choices = tuple(choices)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        items = [v.strip() for v in str(value).split(",") if v.strip()]
+        bad = [v for v in items if v not in self.choices]
+        if bad or not items:
+            self.fail(f"unknown value {(bad or [value])[0]!r}; choose from {', '.join(self.choices)}", param, ctx)
+        return tuple(dict.fromkeys(items))
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, metavar="RUN_DIR|MODEL.tflite...")
+@click.option("--device", default=None, metavar="local|ssh://[user@]host[:port]|adb[:SERIAL]|vela:CONFIG",
+              help="Where to run [default: the --profile's, else local].")
+@click.option("--profile", default=None, metavar="NAME", help="Target profile (edgestar profiles).")
+@click.option("--threads", type=IntList(), default=None, metavar="1,2,4",
+              help="Thread counts to sweep; 0 = all cores [default: the profile's, else 1 and all cores].")
+@click.option("--kernels", type=ChoiceList(KERNELS), default=None, metavar="xnnpack,builtin",
+              help="LiteRT kernels: xnnpack (the default delegate) and/or builtin "
+                   "[default: both locally, xnnpack on a board].")
+@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Timed rounds (each runs every model once).")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--min-seconds", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Keep timing rounds until this many seconds have passed.")
+@click.option("--eval", "eval_", default=None, metavar="DIR|demo",
+              help="Also run these labelled images on the device: top-1, and agreement with this host.")
+@click.option("--eval-samples", type=click.IntRange(min=1), default=None,
+              help="A fixed random subset of this many evaluation images [default: all].")
+@click.option("--remote-python", default="python3", show_default=True,
+              help="The board's Python (with ai-edge-litert or tflite-runtime), e.g. ~/venv/bin/python.")
+@click.option("--ssh-config", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="An ssh config file to use instead of ~/.ssh/config (ssh -F).")
+@click.option("--connect-timeout", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Seconds to wait for the ssh connection.")
+@click.option("--benchmark-binary", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help="TFLite's benchmark_model built for the device: required for adb, optional for ssh.")
+@click.option("--cpu-mask", default=None, metavar="HEX",
+              help="benchmark_model runs: pin to these cores with taskset (e.g. f0 = big cores).")
+@click.option("--op-profile", is_flag=True,
+              help="benchmark_model runs: one more run per model with --enable_op_profiling, "
+                   "summarized by op type.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=None, metavar="SECONDS",
+              help="Give up on the device after this long [default: estimated generously].")
+@click.option("--no-save", is_flag=True, help="Do not write bench.json / manifest.json in the run directories.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Also write the result as JSON to FILE.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
+@quiet_option
+def bench(paths, device, profile, threads, kernels, runs, warmup, min_seconds, eval_, eval_samples,
+          remote_python, ssh_config, connect_timeout, benchmark_binary, cpu_mask, op_profile, timeout,
+          no_save, out, as_json, quiet):
+    """Latency (and on-device accuracy) of a run's models on this machine or a board."""
+    from edgestar import BenchConfig
+    from edgestar import bench as run_bench
+    from edgestar.files import atomic_write_json, check_can_create
+    from edgestar.report.bench_table import bench_table
+
+    if out:
+        check_can_create(Path(out), "--out file")
+    config = BenchConfig(device=device, profile=profile, threads=threads, kernels=kernels, runs=runs,
+                         warmup=warmup, min_seconds=min_seconds, eval=eval_, eval_samples=eval_samples,
+                         remote_python=remote_python, ssh_config=Path(ssh_config) if ssh_config else None,
+                         connect_timeout=connect_timeout,
+                         benchmark_binary=Path(benchmark_binary) if benchmark_binary else None,
+                         cpu_mask=cpu_mask, op_profile=op_profile, timeout_s=timeout, write=not no_save)
+    log = (lambda *_: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    result = run_bench(list(paths), config, log=log, progress_factory=progress_factory(quiet))
+    data = result.to_json()
+    if out:
+        atomic_write_json(Path(out), data)
+    if not (quiet and as_json):
+        click.echo(bench_table(data), err=as_json)
+        for run_dir in result.written:
+            click.echo(f"results written to {Path(run_dir) / 'bench.json'}", err=as_json)
+    else:
+        for warning in result.warnings:
+            click.echo(f"WARNING: {warning}", err=True)
+    if as_json:
+        click.echo(json.dumps(data))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def profiles(as_json):
+    """List the target profiles (for --profile)."""
+    from edgestar.deploy.profiles import PROFILES, profiles_table
+
+    if as_json:
+        click.echo(json.dumps({name: p.to_json() for name, p in PROFILES.items()}))
+    else:
+        click.echo(profiles_table())
+        for p in PROFILES.values():
+            if p.notes:
+                click.echo(f"{p.name}: {p.notes}")
 
 
 if __name__ == "__main__":

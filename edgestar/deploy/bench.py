@@ -1,0 +1,466 @@
+"""``edgestar bench``: latency (and, with ``eval``, accuracy) of a run's models on a device.
+
+One call, :func:`bench`, for every device:
+
+* ``local`` and ``ssh://`` run :mod:`edgestar.deploy.board_runner` -- the same file -- with
+  a Python that has a TFLite runtime: every model, kernel set and thread count is timed once
+  per round, interleaved, so that per-round INT8/FP32 ratios survive a noisy machine.
+* ``adb`` (and ``ssh://`` with ``benchmark_binary``) run TFLite's C++ ``benchmark_model`` you
+  supply, alternating models between invocations (A, B, A, B, ...), and parse its output.
+* ``vela:CONFIG`` compiles each INT8 model with Arm's Vela: an *estimate* for an Ethos-U NPU.
+
+Results go to each run directory: ``bench.json`` (everything, per device) and a
+``device_latency`` entry per device in ``manifest.json``, both written atomically.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from edgestar.deploy.devices import KERNELS, Device, parse_device
+from edgestar.deploy.models import BenchModel, collect_models
+from edgestar.deploy.stats import latency_stats, speedup
+from edgestar.errors import InputError, StageError
+
+BENCH_FILE = "bench.json"
+BENCH_VERSION = 1
+MAX_THREADS = 0  # in a job: as many threads as the device has cores
+
+
+@dataclass(kw_only=True)
+class BenchConfig:
+    device: str | None = None  # local, ssh://..., adb[:SERIAL], vela:CONFIG [default: the profile's, else local]
+    profile: str | None = None
+    threads: tuple[int, ...] | None = None  # [default: the profile's, else 1 and all cores]; 0 = all cores
+    kernels: tuple[str, ...] | None = None  # [default: xnnpack and builtin locally, xnnpack on a board]
+    runs: int = 50  # timed rounds at least
+    warmup: int = 5
+    min_seconds: float = 0.0  # and keep going until this long has passed
+    eval: str | None = None  # evaluation images to run on the device: DIR or demo
+    eval_samples: int | None = None
+    seed: int = 0
+    remote_python: str = "python3"
+    ssh_config: Path | None = None
+    connect_timeout: int = 10
+    benchmark_binary: Path | None = None
+    cpu_mask: str | None = None  # adb/ssh binary runs: taskset mask, e.g. f0 = the big cores
+    op_profile: bool = False  # binary runs: also one --enable_op_profiling run per model
+    timeout_s: float | None = None  # for the whole run on the device [default: estimated]
+    write: bool = True  # store results in the run directories
+
+
+@dataclass
+class BenchResult:
+    device: str
+    estimate: bool  # Vela: every figure is an estimate, not a measurement
+    system: dict | None
+    runtime: dict | None
+    settings: dict
+    rows: list[dict] = field(default_factory=list)
+    evaluation: dict = field(default_factory=dict)  # model label -> on-device scores
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    measured: str = ""
+    seconds: float = 0.0
+    written: list[str] = field(default_factory=list)  # run directories the results went to
+
+    def to_json(self) -> dict:
+        return {"bench_version": BENCH_VERSION, **asdict(self)}
+
+
+def bench(paths, config: BenchConfig | None = None, *, log=None, progress_factory=None) -> BenchResult:
+    """Benchmark the models of ``paths`` (run directories or model files) on ``config.device``."""
+    config = config or BenchConfig()
+    log = log or (lambda msg: None)
+    device, threads, kernels = _resolve(config)
+    _check_options(config, device)
+    models = collect_models(paths, host=device.kind == "local")
+    settings = {"runs": config.runs, "warmup": config.warmup, "min_seconds": config.min_seconds,
+                "threads": list(threads), "kernels": list(kernels), "profile": config.profile}
+    t0 = time.perf_counter()
+    if device.kind == "vela":
+        result = _vela(models, device, settings, log)
+    elif config.benchmark_binary is not None or device.kind == "adb":
+        result = _binary(models, device, config, threads, kernels, settings, log)
+    else:
+        result = _runner(models, device, config, threads, kernels, settings, log, progress_factory)
+    result.measured = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result.seconds = round(time.perf_counter() - t0, 2)
+    if config.write:
+        result.written = store(result, models)
+    return result
+
+
+def _resolve(config: BenchConfig):
+    from edgestar.deploy.profiles import get_profile
+
+    profile = get_profile(config.profile) if config.profile else None
+    value = config.device
+    if value is None and profile is not None:
+        if profile.device is None:
+            raise InputError(f"profile {profile.name} is a microcontroller: edgestar bench does not "
+                             "run TFLite Micro boards (use a vela: device for an Ethos-U estimate)")
+        if profile.device in ("ssh", "adb"):
+            raise InputError(f"profile {profile.name} runs on a board: give --device "
+                             + ("ssh://[user@]host" if profile.device == "ssh" else "adb[:SERIAL]"))
+        value = f"vela:{profile.vela}" if profile.device == "vela" else profile.device
+    device = parse_device(value or "local")
+    threads = tuple(config.threads or (profile.threads if profile else ()) or
+                    ((1, MAX_THREADS) if device.kind != "vela" else (1,)))
+    if any(t < 0 for t in threads):
+        raise InputError("--threads must be 0 (all cores) or more")
+    threads = tuple(dict.fromkeys(threads))
+    kernels = tuple(dict.fromkeys(config.kernels or (KERNELS if device.kind == "local" else ("xnnpack",))))
+    bad = [k for k in kernels if k not in KERNELS]
+    if bad:
+        raise InputError(f"unknown --kernels {bad[0]!r}; choose from {', '.join(KERNELS)}")
+    return device, threads, kernels
+
+
+def _check_options(config: BenchConfig, device: Device) -> None:
+    binary = config.benchmark_binary is not None or device.kind == "adb"
+    if config.runs < 1 or config.warmup < 0 or config.min_seconds < 0:
+        raise InputError("--runs must be at least 1, --warmup and --min-seconds at least 0")
+    if device.kind == "adb" and config.benchmark_binary is None:
+        raise InputError("adb needs --benchmark-binary PATH: Android has no Python, so edgestar runs "
+                         "TFLite's benchmark_model built for the phone (android_aarch64)")
+    if config.benchmark_binary is not None:
+        b = Path(config.benchmark_binary)
+        if not b.is_file():
+            raise InputError(f"--benchmark-binary {b} is not a file")
+        if device.kind == "vela":
+            raise InputError("--benchmark-binary does not apply to a vela: device")
+    if config.ssh_config is not None:
+        if device.kind != "ssh":
+            raise InputError("--ssh-config applies to ssh:// devices only")
+        if not Path(config.ssh_config).is_file():
+            raise InputError(f"--ssh-config {config.ssh_config} is not a file")
+    if config.eval is not None and (binary or device.kind == "vela"):
+        what = "a vela: estimate" if device.kind == "vela" else "benchmark_model"
+        raise InputError(f"--eval needs the Python runner on the device; {what} cannot return "
+                         "the model's outputs (use ssh:// without --benchmark-binary)")
+    if config.cpu_mask is not None and not binary:
+        raise InputError("--cpu-mask applies to benchmark_model runs (adb, or --benchmark-binary)")
+    if config.cpu_mask is not None and not all(c in "0123456789abcdefABCDEF" for c in config.cpu_mask):
+        raise InputError(f"--cpu-mask {config.cpu_mask!r} is not a hexadecimal CPU mask (e.g. f0)")
+
+
+# --------------------------------------------------------------------------- the Python runner
+
+def _transport(device: Device, config: BenchConfig):
+    from edgestar.deploy.transports import AdbTransport, LocalTransport, SshTransport
+
+    if device.kind == "ssh":
+        return SshTransport(device, ssh_config=config.ssh_config, connect_timeout=config.connect_timeout)
+    if device.kind == "adb":
+        return AdbTransport(device)
+    return LocalTransport()
+
+
+def _runner(models, device, config, threads, kernels, settings, log, progress_factory) -> BenchResult:
+    import shlex
+
+    from edgestar.deploy import board_runner
+    from edgestar.deploy.device_eval import prepare, score
+
+    files = {f"model_{i}{m.path.suffix}": m for i, m in enumerate(models)}
+    job_models = {name: {"file": name, "kind": m.kind} for name, m in files.items()}
+    configs = []
+    for name, m in files.items():
+        for t in threads:
+            for k in (kernels if m.kind == "tflite" else ("onnxruntime",)):
+                configs.append({"model": name, "kernels": k, "threads": t})
+    job = {"models": job_models, "configs": configs, "warmup": config.warmup, "runs": config.runs,
+           "min_seconds": config.min_seconds, "eval": []}
+    prepared = {}
+    if config.eval is not None:
+        for name, m in files.items():
+            if m.kind == "tflite":
+                log(f"preparing evaluation inputs for {m.label}")
+                prepared[name] = prepare(m, config.eval, samples=config.eval_samples, seed=config.seed,
+                                         progress_factory=progress_factory)
+                job["eval"].append({"model": name, "inputs": f"{name}.eval.npy", "threads": MAX_THREADS})
+    timeout = config.timeout_s or _runner_timeout(models, configs, config, prepared)
+    job["deadline_s"] = timeout
+
+    with tempfile.TemporaryDirectory(prefix="edgestar-bench-") as tmp:
+        staged = _staged_copies(tmp, files)
+        for name, p in prepared.items():
+            np.save(Path(tmp) / f"{name}.eval.npy", p.inputs)
+            staged.append(Path(tmp) / f"{name}.eval.npy")
+        (Path(tmp) / "job.json").write_text(json.dumps(job))
+        staged += [Path(tmp) / "job.json", Path(board_runner.__file__)]
+        python = [sys.executable] if device.kind == "local" else shlex.split(config.remote_python)
+        if not python:
+            raise InputError("--remote-python is empty")
+        transport = _transport(device, config)
+        log(f"{device.name}: {len(configs)} configurations x {config.runs} interleaved rounds"
+            + (f", then {len(prepared)} model(s) on {len(next(iter(prepared.values())).inputs)} images"
+               if prepared else ""))
+        with transport:
+            transport.push(staged)
+            proc = transport.run([*python, Path(board_runner.__file__).name, "job.json"], timeout + 30)
+        warnings = list(transport.warnings)
+    out = _runner_output(proc, device, python[0])
+
+    result = BenchResult(device.name, False, out["system"], out["runtime"], settings, warnings=warnings)
+    result.settings["rounds"] = out["rounds"]
+    result.settings["timed_seconds"] = out["seconds"]
+    samples = {}
+    for c in out["configs"]:
+        m = files[c["model"]]
+        samples[c["model"], c["kernels"], c["threads"]] = c["samples_ms"]
+        result.rows.append(_row(m, c["kernels"], c["threads"], latency_stats(c["samples_ms"])))
+    _add_speedups(result.rows, models, files, samples)
+    for name, p in prepared.items():
+        outputs = _decode_npy(out["eval"].get(name, {}).get("outputs_npy_b64"), device)
+        result.evaluation[files[name].label] = {"model": str(files[name].path), **score(p, outputs)}
+        if not p.labelled:
+            result.notes.append(f"{files[name].label}: no top-1 on the device ({p.why}); agreement only")
+    if device.kind == "local" and "onnxruntime" in {r["kernels"] for r in result.rows}:
+        result.runtime = dict(result.runtime or {}, onnxruntime=_version("onnxruntime"))
+    return result
+
+
+def _runner_timeout(models, configs, config, prepared) -> float:
+    """Generous: a slow board may be 20x slower than this host; a hang is what it catches."""
+    per_round = sum(m.path.stat().st_size for m in models) / 1e6 * 0.02 * max(1, len(configs) // len(models))
+    images = sum(len(p.inputs) for p in prepared.values())
+    return 300 + 20 * (config.warmup + config.runs) * per_round + config.min_seconds * 2 + 0.5 * images
+
+
+def _runner_output(proc, device: Device, python: str) -> dict:
+    lines = [ln for ln in (proc.stdout or "").splitlines() if ln.startswith("{")]
+    try:
+        out = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        out = None
+    if out is not None and "error" in out:
+        from edgestar.deploy.board_runner import NO_RUNTIME
+
+        cls = InputError if out["error"] == NO_RUNTIME else StageError
+        raise cls(f"{device.name}: {out['message']}")
+    if proc.returncode == 127 or (proc.returncode != 0 and "not found" in (proc.stderr or "")
+                                  and out is None):
+        raise InputError(f"{device.name}: {python!r} not found on the device (--remote-python)")
+    if out is None or proc.returncode != 0:
+        from edgestar.deploy.transports import _last_line
+
+        raise StageError(f"{device.name}: the benchmark runner failed (exit {proc.returncode}): "
+                         f"{_last_line(proc.stderr or proc.stdout)}")
+    return out
+
+
+def _decode_npy(b64: str | None, device: Device) -> np.ndarray:
+    import base64
+    import io
+
+    if not b64:
+        raise StageError(f"{device.name}: the runner returned no evaluation outputs")
+    return np.load(io.BytesIO(base64.b64decode(b64)), allow_pickle=False)
+
+
+def _version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# --------------------------------------------------------------------------- benchmark_model
+
+def _binary(models, device, config, threads, kernels, settings, log) -> BenchResult:
+    """benchmark_model on the device, models alternated invocation by invocation."""
+    from edgestar.deploy.benchmark_output import parse_benchmark_output, pooled
+
+    models = [m for m in models if m.kind == "tflite"]
+    files = {f"model_{i}.tflite": m for i, m in enumerate(models)}
+    rounds = max(1, min(5, config.runs))
+    per_round = math.ceil(config.runs / rounds)
+    threads = [t if t else None for t in threads]  # 0 = all cores: benchmark_model's default is 1
+    if None in threads:
+        raise InputError("benchmark_model needs explicit --threads (e.g. 1,4); 0 is for the Python runner")
+    timeout = config.timeout_s or 600.0
+    runs: dict[tuple, list] = {}
+    profiles = {}
+    transport = _transport(device, config)
+    with tempfile.TemporaryDirectory(prefix="edgestar-bench-") as tmp:
+        binary = Path(tmp) / "benchmark_model"
+        shutil.copyfile(config.benchmark_binary, binary)
+        with transport:
+            transport.push([binary, *_staged_copies(tmp, files)])
+            chmod = transport.run(["chmod", "755", "benchmark_model"], 60)
+            if chmod.returncode != 0:
+                raise StageError(f"{device.name}: cannot make benchmark_model executable")
+            for r in range(rounds):
+                for name in files:
+                    for t in threads:
+                        for k in kernels:
+                            argv = _benchmark_argv(name, t, k, per_round, config)
+                            log(f"{device.name}: round {r + 1}/{rounds}: {files[name].label}, {k}, {t} thread(s)")
+                            text = _checked(transport.run(argv, timeout), device)
+                            runs.setdefault((name, k, t), []).append(parse_benchmark_output(text))
+            if config.op_profile:
+                for name in files:
+                    argv = _benchmark_argv(name, threads[0], kernels[0], per_round, config) + [
+                        "--enable_op_profiling=true"]
+                    profiles[name] = parse_benchmark_output(_checked(transport.run(argv, timeout), device))
+        warnings = list(transport.warnings)
+    result = BenchResult(device.name, False, {"device": device.name}, {"name": "benchmark_model"},
+                         settings, warnings=warnings)
+    result.settings.update(rounds=rounds, runs_per_invocation=per_round)
+    means = {}
+    for (name, k, t), parsed in runs.items():
+        stats = pooled(parsed)
+        means[name, k, t] = [p.mean_ms for p in parsed]
+        result.rows.append(_row(files[name], k, t, {
+            "count": stats["count"], "mean_ms": stats["mean_ms"], "median_ms": stats.get("median_ms"),
+            "p90_ms": None, "min_ms": stats["min_ms"], "max_ms": stats["max_ms"], "std_ms": stats["std_ms"]},
+            memory_mb=max((p.memory_overall_mb or 0 for p in parsed), default=None) or None))
+    _add_speedups(result.rows, models, files, means, per="invocation")
+    for name, parsed in profiles.items():
+        result.evaluation.setdefault("op_profile", {})[files[name].label] = [asdict(o) for o in parsed.op_types]
+    result.notes.append("benchmark_model reports aggregates per invocation: p90 is not available, "
+                        "median is the median of the invocations' medians where the build prints one")
+    return result
+
+
+def _staged_copies(tmp: str, files: dict) -> list[Path]:
+    """Copies of the models under the names edgestar chose (``model_0.tflite``, ...): the
+    user's file names never reach the device's shell or scp's path parsing."""
+    staged = []
+    for name, m in files.items():
+        shutil.copyfile(m.path, Path(tmp) / name)
+        staged.append(Path(tmp) / name)
+    return staged
+
+
+def _benchmark_argv(name: str, threads: int, kernels: str, runs: int, config: BenchConfig) -> list[str]:
+    argv = ["./benchmark_model", f"--graph={name}", f"--num_threads={threads}",
+            f"--use_xnnpack={'true' if kernels == 'xnnpack' else 'false'}",
+            f"--num_runs={runs}", f"--warmup_runs={max(1, config.warmup)}",
+            f"--min_secs={config.min_seconds:g}"]
+    if config.cpu_mask:
+        argv = ["taskset", config.cpu_mask, *argv]
+    return argv
+
+
+def _checked(proc, device: Device) -> str:
+    from edgestar.deploy.transports import _last_line
+
+    text = (proc.stdout or "") + "\n" + (proc.stderr or "")
+    if proc.returncode != 0:
+        if proc.returncode in (126, 127) or "not found" in text or "Exec format error" in text:
+            raise InputError(f"{device.name}: benchmark_model cannot run there ({_last_line(text)}); "
+                             "is it built for this device's CPU?")
+        raise StageError(f"{device.name}: benchmark_model failed (exit {proc.returncode}): {_last_line(text)}")
+    return text
+
+
+# --------------------------------------------------------------------------- Vela
+
+def _vela(models, device, settings, log) -> BenchResult:
+    from edgestar.deploy.vela import vela_estimate
+
+    result = BenchResult(device.name, True, {"device": device.name}, {"name": "ethos-u-vela"}, settings)
+    for m in models:
+        if m.kind != "tflite" or m.fmt in ("fp32", "fp16", "dynamic"):
+            result.notes.append(f"{m.label}: skipped, Vela compiles only fully quantized models")
+            continue
+        log(f"{device.name}: compiling {m.label} with Vela")
+        est = vela_estimate(m.path, accelerator=device.config)
+        result.runtime = {"name": "ethos-u-vela", "version": est.get("vela_version")}
+        result.rows.append({"model": m.label, "path": str(m.path), "run_dir": _run_dir(m), "format": m.fmt,
+                            "kernels": "ethos-u", "threads": 1, **est})
+    if not result.rows:
+        raise InputError("no INT8 model to compile with Vela among the models given")
+    return result
+
+
+# --------------------------------------------------------------------------- rows, storage
+
+def _run_dir(m: BenchModel) -> str | None:
+    return str(m.run_dir) if m.run_dir is not None else None
+
+
+def _row(m: BenchModel, kernels: str, threads: int, stats: dict, **extra) -> dict:
+    return {"model": m.label, "path": str(m.path), "run_dir": _run_dir(m), "group": m.group,
+            "format": m.fmt, "kernels": kernels, "threads": threads, **stats, "vs_fp32": None, **extra}
+
+
+def _add_speedups(rows, models, files, samples, per: str = "round") -> None:
+    """Each model against its group's FP32 ``.tflite`` at the same kernels and threads, from
+    pairs timed in the same round (or invocation round)."""
+    reference = {}
+    for name, m in files.items():
+        if m.kind == "tflite" and m.fmt == "fp32":
+            reference.setdefault(m.group, name)
+    by_label = {(m.label, m.group): name for name, m in files.items()}
+    for row in rows:
+        name = by_label[row["model"], row["group"]]
+        ref = reference.get(row["group"])
+        if ref is None or ref == name or files[name].kind != "tflite":
+            continue
+        pair = samples.get((ref, row["kernels"], row["threads"])), samples.get((name, row["kernels"], row["threads"]))
+        if None not in pair:
+            s = speedup(*pair)
+            if s is not None:
+                row["vs_fp32"] = {**s, "per": per}
+
+
+def store(result: BenchResult, models: list[BenchModel]) -> list[str]:
+    """Write each run directory's share of the result: ``bench.json`` (per device, merged with
+    what other devices measured before) and ``manifest.json``'s ``device_latency``."""
+    from edgestar.files import atomic_write_json
+    from edgestar.pipeline.rundir import MANIFEST, load_manifest
+
+    written = []
+    for run_dir in dict.fromkeys(m.run_dir for m in models if m.run_dir is not None):
+        mine = [r for r in result.rows if r.get("run_dir") == str(run_dir)]
+        if not mine:
+            continue
+        labels = {m.label for m in models if m.run_dir == run_dir}
+        share = {**result.to_json(), "rows": mine,
+                 "evaluation": {k: v for k, v in result.evaluation.items() if k in labels}}
+        share.pop("written", None)
+        path = Path(run_dir) / BENCH_FILE
+        try:
+            existing = json.loads(path.read_text()) if path.is_file() else {}
+            if not isinstance(existing.get("devices"), dict):
+                existing = {}
+        except (OSError, json.JSONDecodeError):
+            existing = {}
+        devices = {**existing.get("devices", {}), result.device: share}
+        try:
+            atomic_write_json(path, {"bench_version": BENCH_VERSION, "devices": devices})
+            manifest = load_manifest(run_dir)
+            manifest.setdefault("device_latency", {})[result.device] = summary_entry(share)
+            atomic_write_json(Path(run_dir) / MANIFEST, manifest)
+        except OSError as exc:
+            raise InputError(f"cannot write the results into {run_dir}: {exc.strerror}") from None
+        written.append(str(run_dir))
+    return written
+
+
+def summary_entry(share: dict) -> dict:
+    """The manifest's compact record of one device's results (``bench.json`` has the rest)."""
+    keep = ("model", "format", "kernels", "threads", "median_ms", "mean_ms", "p90_ms", "std_ms",
+            "vs_fp32", "inference_ms_estimate", "sram_bytes", "flash_bytes", "npu_ops", "cpu_ops")
+    return {
+        "device": share["device"], "measured": share["measured"], "estimate": share["estimate"],
+        "system": share["system"], "runtime": share["runtime"], "bench_file": BENCH_FILE,
+        "rows": [{k: r[k] for k in keep if k in r} for r in share["rows"]],
+        "evaluation": {k: {f: v.get(f) for f in ("images", "top1", "agreement_with_host", "bit_exact_images")}
+                       for k, v in share["evaluation"].items() if isinstance(v, dict) and "images" in v},
+    }
