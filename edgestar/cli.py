@@ -151,9 +151,12 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
               help="Calibration images: a folder (searched recursively), a .npy array, the demo set, "
                    "or distilled: no images, inputs synthesized from the model's BatchNorm statistics.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=300, show_default=True)
-@click.option("--target", type=click.Choice(list(TARGETS)), default="cpu", show_default=True,
+@click.option("--target", type=click.Choice(list(TARGETS)), default=None,
               help="Runtime to shape the graph for: cpu = LiteRT/XNNPACK on phones and boards "
-                   "(7x7 depthwise convs split for speed); micro = TFLite Micro.")
+                   "(7x7 depthwise convs split for speed); micro = TFLite Micro "
+                   "[default: the --profile's, else cpu].")
+@click.option("--profile", default=None, metavar="NAME",
+              help="Target profile (edgestar profiles): sets --target and --io unless given.")
 @click.option("--calibrator", type=click.Choice(list(CALIBRATORS)), default="edgestar",
               show_default=True,
               help="Where INT8 activation ranges are measured: on the PyTorch model (fast, "
@@ -169,8 +172,8 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
                    "(ILSVRC2012 validation ground truth).")
 @click.option("--eval-samples", type=click.IntRange(min=1), default=None,
               help="Evaluate on a fixed random subset of this many images [default: all].")
-@click.option("--io", "io_type", type=click.Choice(list(IO_TYPES)), default="int8",
-              show_default=True, help="Input/output type of the INT8 model.")
+@click.option("--io", "io_type", type=click.Choice(list(IO_TYPES)), default=None,
+              help="Input/output type of the INT8 model [default: the --profile's, else int8].")
 @click.option("--formats", type=FormatList(), default="", metavar="fp16,dynamic",
               help="Extra formats to build besides FP32 and INT8.")
 @click.option("--max-drop", type=click.FloatRange(min=0), default=None, metavar="POINTS",
@@ -200,7 +203,7 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
                    "unpickling can run any code.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout at the end.")
 @quiet_option
-def quantize(variant, weights, num_classes, img_size, calib, calib_samples, target, calibrator, ptq, eval_,
+def quantize(variant, weights, num_classes, img_size, calib, calib_samples, target, profile, calibrator, ptq, eval_,
              labels, eval_samples, io_type, formats, max_drop, fallback, qat, train, qat_epochs, qat_steps, qat_lr,
              qat_batch, out, seed, unsafe_allow_pickle, as_json, quiet):
     """Convert a StarNet checkpoint to validated FP32 and INT8 TFLite models."""
@@ -208,11 +211,12 @@ def quantize(variant, weights, num_classes, img_size, calib, calib_samples, targ
     from edgestar import quantize as run_quantize
     from edgestar import summary_table
 
-    config = QuantizeConfig(
+    chosen = {k: v for k, v in (("target", target), ("io_type", io_type)) if v is not None}
+    make = (lambda **kw: QuantizeConfig.for_profile(profile, **kw)) if profile else QuantizeConfig
+    config = make(
         variant=variant, weights=weights, num_classes=num_classes, img_size=img_size,
-        calib=calib, calib_samples=calib_samples, calibrator=calibrator, ptq=ptq, target=target,
-        eval=eval_, labels=labels, eval_samples=eval_samples,
-        io_type=io_type, formats=tuple(formats), max_drop=max_drop, fallback=fallback, qat=qat,
+        calib=calib, calib_samples=calib_samples, calibrator=calibrator, ptq=ptq, **chosen,
+        eval=eval_, labels=labels, eval_samples=eval_samples, formats=tuple(formats), max_drop=max_drop, fallback=fallback, qat=qat,
         train=train,
         qat_epochs=qat_epochs, qat_steps=qat_steps, qat_lr=qat_lr, qat_batch=qat_batch,
         out=Path(out) if out else None, allow_pickle=unsafe_allow_pickle, seed=seed)

@@ -208,7 +208,7 @@ def _runner(models, device, config, threads, kernels, settings, log, progress_fa
                if prepared else ""))
         with transport:
             transport.push(staged)
-            proc = transport.run([*python, Path(board_runner.__file__).name, "job.json"], timeout + 30)
+            proc = transport.run([*python, Path(board_runner.__file__).name, "job.json"], timeout + 5)
         warnings = list(transport.warnings)
     out = _runner_output(proc, device, python[0])
 

@@ -64,12 +64,28 @@ class QuantizeConfig:
     out: Path | None = None
     allow_pickle: bool = False
     seed: int = 0
+    profile: str | None = None  # the target profile the options came from (recorded only)
+
+    @classmethod
+    def for_profile(cls, profile: str, **options) -> "QuantizeConfig":
+        """A configuration with a target profile's graph shape and I/O type (see
+        :mod:`edgestar.deploy.profiles`); ``options`` given explicitly win."""
+        from edgestar.deploy.profiles import get_profile
+
+        p = get_profile(profile)
+        options.setdefault("target", p.target)
+        options.setdefault("io_type", p.io_type)
+        return cls(profile=p.name, **options)
 
 
 def check_config(config: QuantizeConfig) -> None:
     from edgestar.models.registry import check_img_size, get_variant
 
     get_variant(config.variant)
+    if config.profile is not None:
+        from edgestar.deploy.profiles import get_profile
+
+        get_profile(config.profile)
     if config.img_size is not None:
         check_img_size(config.img_size)
     if config.io_type not in IO_TYPES:

@@ -1,0 +1,152 @@
+"""``edgestar bench`` for real: a quantized StarNet timed here (``local``) and on a "board"
+reached through a real OpenSSH server on 127.0.0.1 (this machine plays the board), with
+on-device evaluation, and each way a board can fail: wrong port, refused key, no runtime,
+a hung runner, hostile model paths."""
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sshd
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(any(importlib.util.find_spec(m) is None
+                           for m in ("onnx2tf", "tensorflow", "ai_edge_litert")),
+                       reason="needs the conversion tools"),
+]
+
+
+def edgestar(*args, cwd=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "edgestar.cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The shipped demo StarNet-S1 (CIFAR-10, 32 px), quantized: trained weights, so top-1
+    on the device means something."""
+    work = tmp_path_factory.mktemp("bench")
+    res = edgestar("quantize", "--variant", "s1", "--weights", "demo", "--calib-samples", 32,
+                   "--eval-samples", 16, "--out", work / "run", "-q", cwd=work, timeout=900)
+    assert res.returncode == 0, res.stderr
+    return work / "run"
+
+
+@pytest.fixture
+def run_copy(demo_run, tmp_path):
+    """A fresh copy per test: bench writes into the run directory."""
+    return Path(shutil.copytree(demo_run, tmp_path / "run"))
+
+
+@pytest.fixture(scope="module")
+def board(tmp_path_factory):
+    why = sshd.unavailable()
+    if why:
+        pytest.skip(why)
+    try:
+        server = sshd.start(tmp_path_factory.mktemp("sshd"))
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"cannot run a loopback sshd here: {exc}")
+    yield server
+    server.stop()
+
+
+def remote_folders() -> set:
+    return set(Path("/tmp").glob("edgestar-????????"))
+
+
+def test_local_bench_times_every_model_interleaved_and_stores_results(run_copy):
+    before = json.loads((run_copy / "manifest.json").read_text())
+    res = edgestar("bench", run_copy, "--runs", 8, "--warmup", 1, "--threads", "1,2", "--json", "-q")
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    rows = {(r["model"], r["kernels"], r["threads"]): r for r in result["rows"]}
+    expected = {("onnx fp32", "onnxruntime", t) for t in (1, 2)} | {
+        (m, k, t) for m in ("tflite fp32", "tflite int8") for k in ("xnnpack", "builtin") for t in (1, 2)}
+    assert set(rows) == expected
+    for r in rows.values():
+        assert r["count"] == 8 and 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"] <= r["max_ms"]
+        assert r["min_ms"] <= r["mean_ms"] <= r["max_ms"]
+    int8 = rows["tflite int8", "xnnpack", 1]["vs_fp32"]
+    assert int8["rounds"] == 8 and int8["p10"] <= int8["median"] <= int8["p90"]
+    assert rows["tflite fp32", "xnnpack", 1]["vs_fp32"] is None
+
+    stored = json.loads((run_copy / "bench.json").read_text())["devices"]["local"]
+    assert stored["rows"] == result["rows"]
+    manifest = json.loads((run_copy / "manifest.json").read_text())
+    entry = manifest["device_latency"]["local"]
+    assert len(entry["rows"]) == len(expected) and entry["system"]["machine"]
+    assert {k: v for k, v in manifest.items() if k != "device_latency"} == before  # nothing else touched
+
+
+def test_ssh_bench_with_on_device_evaluation_cleans_up(run_copy, board):
+    before = remote_folders()
+    res = edgestar("bench", run_copy, "--device", "ssh://board", "--ssh-config", board.config,
+                   "--remote-python", sys.executable, "--runs", 5, "--warmup", 1, "--threads", 1,
+                   "--eval", "demo", "--eval-samples", 40)
+    assert res.returncode == 0, res.stderr
+    assert "device: ssh://board" in res.stdout and "tflite int8  xnnpack" in res.stdout
+    assert "on-device evaluation, tflite int8, 40 images" in res.stdout
+    result = json.loads((run_copy / "bench.json").read_text())["devices"]["ssh://board"]
+    assert {r["model"] for r in result["rows"]} == {"tflite fp32", "tflite int8"}  # no ONNX on a board
+    ev = result["evaluation"]["tflite int8"]
+    # the "board" is this machine with the same runtime: the same outputs, bit for bit
+    assert ev["images"] == 40 and ev["agreement_with_host"] == 1.0 and ev["bit_exact_images"] == 1.0
+    assert ev["top1"] == ev["host_top1"] and ev["top1"] > 0.4  # trained demo model; chance is 0.1
+    assert "ssh://board" in json.loads((run_copy / "manifest.json").read_text())["device_latency"]
+    assert remote_folders() == before  # what was copied is gone
+
+
+def test_hostile_model_paths_neither_break_nor_inject(demo_run, board, tmp_path):
+    nasty = tmp_path / "my models $(touch PWNED) `touch PWNED2`; rm -rf x" / "s1 int8 'q' \"d\".tflite"
+    nasty.parent.mkdir()
+    shutil.copyfile(demo_run / "starnet_s1_32_int8.tflite", nasty)
+    res = edgestar("bench", nasty, "--device", "ssh://board", "--ssh-config", board.config,
+                   "--remote-python", sys.executable, "--runs", 3, "--warmup", 0, "--threads", 1,
+                   cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "tflite int8" in res.stdout
+    assert not list(tmp_path.rglob("PWNED*")) and not list(Path.home().glob("PWNED*"))
+    assert not list(Path("/tmp").glob("PWNED*"))
+
+
+@pytest.mark.parametrize("device, extra, code, words", [
+    ("ssh://board:1", [], 2, "cannot connect"),  # port 1: nothing listens (the alias's port is overridden)
+    ("ssh://board-badkey", [], 2, "authentication refused"),
+    ("ssh://board", ["--remote-python", "/nonexistent/python3"], 2, "not found on the device"),
+])
+def test_ssh_failures_are_one_line_errors_naming_the_host(demo_run, board, device, extra, code, words):
+    res = edgestar("bench", demo_run / "starnet_s1_32_int8.tflite", "--device", device, "--ssh-config",
+                   board.config, "--runs", 2, "--no-save", *extra, timeout=120)
+    assert res.returncode == code, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"Error: {device}: ") and words in last, res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_a_board_without_any_tflite_runtime(demo_run, board, tmp_path):
+    bare = tmp_path / "bare-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    before = remote_folders()
+    res = edgestar("bench", demo_run / "starnet_s1_32_int8.tflite", "--device", "ssh://board",
+                   "--ssh-config", board.config, "--remote-python", bare / "bin" / "python", "--no-save")
+    assert res.returncode == 2, res.stderr
+    assert "Error: ssh://board: numpy is not installed" in res.stderr and "ai-edge-litert" in res.stderr
+    assert remote_folders() == before
+
+
+def test_a_hung_board_times_out_and_is_cleaned_up(demo_run, board, tmp_path):
+    slow = tmp_path / "slow-python"
+    slow.write_text("#!/bin/sh\nexec sleep 120\n")
+    slow.chmod(0o755)
+    before = remote_folders()
+    res = edgestar("bench", demo_run / "starnet_s1_32_int8.tflite", "--device", "ssh://board",
+                   "--ssh-config", board.config, "--remote-python", slow, "--timeout", 2, "--no-save",
+                   timeout=120)
+    assert res.returncode == 1, res.stderr
+    assert "Error: ssh://board (running): no result within" in res.stderr
+    assert remote_folders() == before
