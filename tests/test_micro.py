@@ -18,15 +18,18 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory):
-    """The shipped demo StarNet-S1 (trained on CIFAR-10, 32 px) quantized for --target micro.
+    """The shipped demo StarNet-S1 (trained on CIFAR-10, 32 px) quantized for a Cortex-M55
+    (``--profile cortex-m55``: ``--target micro``, int8 I/O).
     Random weights would do for the kernels, but their near-flat logits make every runtime
     agree on top-1 trivially."""
     work = tmp_path_factory.mktemp("micro")
     cmd = [sys.executable, "-m", "edgestar.cli", "quantize", "--variant", "s1", "--weights", "demo",
-           "--img-size", "32", "--target", "micro", "--calib", "demo",
+           "--img-size", "32", "--profile", "cortex-m55", "--calib", "demo",
            "--calib-samples", "32", "--eval-samples", "16", "--out", str(work / "run"), "-q"]
     res = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr
+    config = json.loads((work / "run" / "manifest.json").read_text())["config"]
+    assert (config["target"], config["io_type"], config["profile"]) == ("micro", "int8", "cortex-m55")
     return work / "run"
 
 
