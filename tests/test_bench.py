@@ -273,3 +273,14 @@ def test_adb_runs_benchmark_model_with_quoted_commands_and_cleans_up(tmp_path, m
     assert manifest["device_latency"]["adb:R58M42"]["rows"]
     assert "adb:R58M42" in json.loads((run / "bench.json").read_text())["devices"]
     assert not list(tmp_path.rglob("PWNED"))
+
+
+def test_a_busy_device_or_scattered_times_are_said_next_to_the_numbers():
+    from edgestar.deploy.bench import busy_warnings
+
+    row = {"model": "tflite int8", "kernels": "xnnpack", "threads": 1, "median_ms": 2.0, "p90_ms": 2.2}
+    assert busy_warnings({"load_before": 0.1, "cpus": 4}, [row]) == []
+    (w,) = busy_warnings({"load_before": 1.8, "cpus": 2}, [row])
+    assert "busy" in w and "1.8" in w
+    (w,) = busy_warnings({"load_before": 0.0, "cpus": 2}, [dict(row, p90_ms=5.0)])
+    assert "tflite int8 xnnpack 1t" in w and "noisy" in w

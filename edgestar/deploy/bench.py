@@ -221,6 +221,7 @@ def _runner(models, device, config, threads, kernels, settings, log, progress_fa
         samples[c["model"], c["kernels"], c["threads"]] = c["samples_ms"]
         result.rows.append(_row(m, c["kernels"], c["threads"], latency_stats(c["samples_ms"])))
     _add_speedups(result.rows, models, files, samples)
+    result.warnings += busy_warnings(result.system, result.rows)
     for name, p in prepared.items():
         outputs = _decode_npy(out["eval"].get(name, {}).get("outputs_npy_b64"), device)
         result.evaluation[files[name].label] = {"model": str(files[name].path), **score(p, outputs)}
@@ -229,6 +230,27 @@ def _runner(models, device, config, threads, kernels, settings, log, progress_fa
     if device.kind == "local" and "onnxruntime" in {r["kernels"] for r in result.rows}:
         result.runtime = dict(result.runtime or {}, onnxruntime=_version("onnxruntime"))
     return result
+
+
+BUSY_LOAD = 0.5  # a 1-minute load average this high before timing: something else was running
+NOISY_SPREAD = 1.5  # p90 / median above this: the row's times varied too much to take at face value
+
+
+def busy_warnings(system: dict | None, rows: list[dict]) -> list[str]:
+    """Say so, next to the numbers, when the device was busy or a row's times scattered:
+    absolute milliseconds are then suspect, though ratios from the same rounds still hold."""
+    warnings = []
+    load = (system or {}).get("load_before")
+    if load is not None and load >= BUSY_LOAD:
+        warnings.append(f"the device was busy before timing (load average {load} on {system.get('cpus')} "
+                        "cores): absolute times are inflated; compare the side-by-side ratios")
+    noisy = [f"{r['model']} {r['kernels']} {r['threads']}t" for r in rows
+             if r.get("p90_ms") and r.get("median_ms") and r["p90_ms"] > NOISY_SPREAD * r["median_ms"]]
+    if noisy:
+        warnings.append(f"{len(noisy)} row(s) with p90 > {NOISY_SPREAD} x median ({', '.join(noisy[:4])}"
+                        + (", ..." if len(noisy) > 4 else "") + "): noisy, run again on a quiet device "
+                        "or with more --runs")
+    return warnings
 
 
 def _runner_timeout(models, configs, config, prepared) -> float:

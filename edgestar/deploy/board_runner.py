@@ -75,6 +75,7 @@ def run_job(job_path):
             engine = TFLiteEngine(np, runtime, path, threads, config["kernels"] == "xnnpack")
         engines.append((dict(config, threads=threads), engine))
 
+    load_before = _load()
     samples = [[] for _ in engines]
     for _ in range(job["warmup"]):
         for _, engine in engines:
@@ -101,7 +102,7 @@ def run_job(job_path):
 
     return {
         "runner_version": RUNNER_VERSION,
-        "system": system_info(),
+        "system": dict(system_info(), load_before=load_before, load_after=_load()),
         "runtime": runtime["info"] if runtime else None,
         "rounds": rounds,
         "seconds": round(seconds, 3),
@@ -206,6 +207,14 @@ def _random_input(np, shape, dtype):
         return rng.standard_normal(tuple(shape)).astype(dtype)
     info = np.iinfo(dtype)
     return rng.randint(info.min, int(info.max) + 1, size=tuple(shape)).astype(dtype)
+
+
+def _load():
+    """The 1-minute load average: how many processes were running or waiting on average."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def system_info():
