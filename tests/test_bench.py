@@ -284,3 +284,13 @@ def test_a_busy_device_or_scattered_times_are_said_next_to_the_numbers():
     assert "busy" in w and "1.8" in w
     (w,) = busy_warnings({"load_before": 0.0, "cpus": 2}, [dict(row, p90_ms=5.0)])
     assert "tflite int8 xnnpack 1t" in w and "noisy" in w
+
+
+def test_remote_commands_quote_every_word_and_expand_only_a_leading_home():
+    from edgestar.deploy.transports import remote_words
+
+    assert remote_words(["~/venv/bin/python", "a b", "$(x)", "~user"]) == \
+        "\"$HOME\"/venv/bin/python 'a b' '$(x)' '~user'"
+    out = subprocess.run(["sh", "-c", "printf '%s\\n' " + remote_words(["~/x y", "$(echo hi)", "`id`;"])],
+                         capture_output=True, text=True, env={"HOME": "/h", "PATH": os.environ["PATH"]})
+    assert out.stdout.splitlines() == ["/h/x y", "$(echo hi)", "`id`;"]

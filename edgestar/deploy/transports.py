@@ -49,6 +49,18 @@ def _run(argv: list[str], timeout: float, what: str, input_text: str | None = No
         raise InputError(f"{argv[0]} is not installed here; {what} needs it") from None
 
 
+def remote_words(argv: list[str]) -> str:
+    """``argv`` as one string for a POSIX shell, every word quoted; a leading ``~/`` (the
+    board user's home, e.g. ``--remote-python ~/venv/bin/python``) becomes ``"$HOME"/``."""
+    words = []
+    for word in argv:
+        if word.startswith("~/"):
+            words.append('"$HOME"/' + shlex.quote(word[2:]))
+        else:
+            words.append(shlex.quote(word))
+    return " ".join(words)
+
+
 class Transport:
     """A private folder on the device and commands run inside it; use as a context manager."""
 
@@ -150,7 +162,7 @@ class SshTransport(Transport):
             raise StageError(f"{self.name}: copying the model failed ({_last_line(proc.stderr)})")
 
     def run(self, argv, timeout):
-        command = f"cd {shlex.quote(self.folder)} && exec {shlex.join(argv)}"
+        command = f"cd {shlex.quote(self.folder)} && exec {remote_words(argv)}"
         return self._ssh(command, timeout, "running")
 
     def remove_folder(self):
