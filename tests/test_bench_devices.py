@@ -150,3 +150,15 @@ def test_a_hung_board_times_out_and_is_cleaned_up(demo_run, board, tmp_path):
     assert res.returncode == 1, res.stderr
     assert "Error: ssh://board (running): no result within" in res.stderr
     assert remote_folders() == before
+
+
+def test_several_runs_are_compared_each_with_its_own_fp32(demo_run, tmp_path):
+    a = Path(shutil.copytree(demo_run, tmp_path / "a"))
+    b = Path(shutil.copytree(demo_run, tmp_path / "b"))
+    res = edgestar("bench", a, b, "--runs", 4, "--warmup", 0, "--threads", 1, "--kernels", "xnnpack")
+    assert res.returncode == 0, res.stderr
+    assert "a: tflite int8" in res.stdout and "b: tflite int8" in res.stdout
+    for run in (a, b):
+        rows = json.loads((run / "bench.json").read_text())["devices"]["local"]["rows"]
+        assert {r["run_dir"] for r in rows} == {str(run)}
+        assert [r["vs_fp32"] is not None for r in rows if r["model"] == "tflite int8"] == [True]
