@@ -228,6 +228,9 @@ for a in "$@"; do printf '%s\n' "$a"; done >> "$ADB_LOG"
 echo --- >> "$ADB_LOG"
 case "$*" in
   *benchmark_model*) cat "$ADB_OUTPUT" ;;
+  *nproc*) echo 8 ;;
+  *uname*) echo aarch64 ;;
+  *getprop*) echo "Pixel 7" ;;
   *push*) echo "1 file pushed" ;;
 esac
 exit 0
@@ -260,7 +263,7 @@ def test_adb_runs_benchmark_model_with_quoted_commands_and_cleans_up(tmp_path, m
     assert calls[0][2:] == ["shell", f"mkdir -m 700 {folder}"] and folder.startswith("/data/local/tmp/edgestar-")
     pushes = [c for c in calls if c[2] == "push"]
     assert [Path(c[4]).name for c in pushes] == ["benchmark_model", "model_0.tflite", "model_1.tflite"]
-    runs = [c[3] for c in calls if c[2] == "shell" and "benchmark_model" in c[3]]
+    runs = [c[3] for c in calls if c[2] == "shell" and "./benchmark_model" in c[3]]
     assert len(runs) == 2 * 2 * 5  # 2 models x 2 thread counts x 5 invocation rounds of 2 runs
     assert runs[0] == (f"cd {folder} && taskset f0 ./benchmark_model --graph=model_0.tflite --num_threads=1 "
                        "--use_xnnpack=true --num_runs=2 --warmup_runs=5 --min_secs=0")
@@ -269,6 +272,7 @@ def test_adb_runs_benchmark_model_with_quoted_commands_and_cleans_up(tmp_path, m
     assert {(r["model"], r["threads"]) for r in result.rows} == {
         (m, t) for m in ("tflite fp32", "tflite int8") for t in (1, 4)}
     assert all(r["mean_ms"] > 0 for r in result.rows)
+    assert result.system == {"machine": "aarch64", "cpus": 8, "model": "Pixel 7"}
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["device_latency"]["adb:R58M42"]["rows"]
     assert "adb:R58M42" in json.loads((run / "bench.json").read_text())["devices"]

@@ -67,6 +67,7 @@ class BenchResult:
     settings: dict
     rows: list[dict] = field(default_factory=list)
     evaluation: dict = field(default_factory=dict)  # model label -> on-device scores
+    op_profile: dict = field(default_factory=dict)  # model label -> time per op type (benchmark_model)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     measured: str = ""
@@ -310,9 +311,6 @@ def _binary(models, device, config, threads, kernels, settings, log) -> BenchRes
     files = {f"model_{i}.tflite": m for i, m in enumerate(models)}
     rounds = max(1, min(5, config.runs))
     per_round = math.ceil(config.runs / rounds)
-    threads = [t if t else None for t in threads]  # 0 = all cores: benchmark_model's default is 1
-    if None in threads:
-        raise InputError("benchmark_model needs explicit --threads (e.g. 1,4); 0 is for the Python runner")
     timeout = config.timeout_s or 600.0
     runs: dict[tuple, list] = {}
     profiles = {}
@@ -325,6 +323,10 @@ def _binary(models, device, config, threads, kernels, settings, log) -> BenchRes
             chmod = transport.run(["chmod", "755", "benchmark_model"], 60)
             if chmod.returncode != 0:
                 raise StageError(f"{device.name}: cannot make benchmark_model executable")
+            system = _device_system(transport, device)
+            # 0 = all cores, as for the Python runner (benchmark_model's own default is 1)
+            threads = list(dict.fromkeys(t or system.get("cpus") or 1 for t in threads))
+            settings["threads"] = threads
             for r in range(rounds):
                 for name in files:
                     for t in threads:
@@ -339,8 +341,7 @@ def _binary(models, device, config, threads, kernels, settings, log) -> BenchRes
                         "--enable_op_profiling=true"]
                     profiles[name] = parse_benchmark_output(_checked(transport.run(argv, timeout), device))
         warnings = list(transport.warnings)
-    result = BenchResult(device.name, False, {"device": device.name}, {"name": "benchmark_model"},
-                         settings, warnings=warnings)
+    result = BenchResult(device.name, False, system, {"name": "benchmark_model"}, settings, warnings=warnings)
     result.settings.update(rounds=rounds, runs_per_invocation=per_round)
     means = {}
     for (name, k, t), parsed in runs.items():
@@ -352,10 +353,26 @@ def _binary(models, device, config, threads, kernels, settings, log) -> BenchRes
             memory_mb=max((p.memory_overall_mb or 0 for p in parsed), default=None) or None))
     _add_speedups(result.rows, models, files, means, per="invocation")
     for name, parsed in profiles.items():
-        result.evaluation.setdefault("op_profile", {})[files[name].label] = [asdict(o) for o in parsed.op_types]
+        result.op_profile[files[name].label] = [asdict(o) for o in parsed.op_types]
     result.notes.append("benchmark_model reports aggregates per invocation: p90 is not available, "
                         "median is the median of the invocations' medians where the build prints one")
     return result
+
+
+def _device_system(transport, device: Device) -> dict:
+    """What the device is, from standard commands (nothing is required to answer)."""
+    def ask(*argv) -> str | None:
+        try:
+            proc = transport.run(list(argv), 60)
+        except StageError:
+            return None
+        out = (proc.stdout or "").strip()
+        return out.splitlines()[-1].strip() if proc.returncode == 0 and out else None
+
+    cpus = ask("nproc")
+    system = {"machine": ask("uname", "-m"), "cpus": int(cpus) if cpus and cpus.isdigit() else None,
+              "model": ask("getprop", "ro.product.model") if device.kind == "adb" else None}
+    return {k: v for k, v in system.items() if v is not None}
 
 
 def _staged_copies(tmp: str, files: dict) -> list[Path]:
@@ -454,7 +471,8 @@ def store(result: BenchResult, models: list[BenchModel]) -> list[str]:
             continue
         labels = {m.label for m in models if m.run_dir == run_dir}
         share = {**result.to_json(), "rows": mine,
-                 "evaluation": {k: v for k, v in result.evaluation.items() if k in labels}}
+                 "evaluation": {k: v for k, v in result.evaluation.items() if k in labels},
+                 "op_profile": {k: v for k, v in result.op_profile.items() if k in labels}}
         share.pop("written", None)
         path = Path(run_dir) / BENCH_FILE
         try:
@@ -484,5 +502,5 @@ def summary_entry(share: dict) -> dict:
         "system": share["system"], "runtime": share["runtime"], "bench_file": BENCH_FILE,
         "rows": [{k: r[k] for k in keep if k in r} for r in share["rows"]],
         "evaluation": {k: {f: v.get(f) for f in ("images", "top1", "agreement_with_host", "bit_exact_images")}
-                       for k, v in share["evaluation"].items() if isinstance(v, dict) and "images" in v},
+                       for k, v in share["evaluation"].items()},
     }

@@ -51,12 +51,9 @@ def bench_table(result: dict) -> str:
                  "the median of ratios timed side by side in one round; trust the ratios, not absolute "
                  "times, on a busy machine")
     for label, ev in (result.get("evaluation") or {}).items():
-        if label == "op_profile":
-            continue
         lines.append(evaluation_line(label, ev, result["device"]))
-    profile = (result.get("evaluation") or {}).get("op_profile")
-    if profile:
-        for label, ops in profile.items():
+    for label, ops in (result.get("op_profile") or {}).items():
+        if ops:
             lines.append(f"op types by time, {label} (--enable_op_profiling):")
             for op in sorted(ops, key=lambda o: -o["avg_ms"])[:8]:
                 pct = f"{op['percent']:.1f}%" if op.get("percent") is not None else "-"
