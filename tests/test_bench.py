@@ -240,10 +240,7 @@ exit 0
 def test_adb_runs_benchmark_model_with_quoted_commands_and_cleans_up(tmp_path, monkeypatch):
     from edgestar import BenchConfig, bench
 
-    fixtures = Path(__file__).parent / "fixtures" / "benchmark_model"
-    output = next(iter(sorted(fixtures.glob("*android*.txt"))), None)
-    if output is None:
-        pytest.skip("no Android benchmark_model fixture")
+    output = Path(__file__).parent / "fixtures" / "benchmark_model" / "android_adb_shell_crlf.txt"
     bindir = tmp_path / "bin"
     bindir.mkdir()
     (bindir / "adb").write_text(FAKE_ADB)

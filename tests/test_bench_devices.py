@@ -3,6 +3,7 @@ reached through a real OpenSSH server on 127.0.0.1 (this machine plays the board
 on-device evaluation, and each way a board can fail: wrong port, refused key, no runtime,
 a hung runner, hostile model paths."""
 import importlib.util
+import os
 import json
 import shutil
 import subprocess
@@ -162,3 +163,43 @@ def test_several_runs_are_compared_each_with_its_own_fp32(demo_run, tmp_path):
         rows = json.loads((run / "bench.json").read_text())["devices"]["local"]["rows"]
         assert {r["run_dir"] for r in rows} == {str(run)}
         assert [r["vs_fp32"] is not None for r in rows if r["model"] == "tflite int8"] == [True]
+
+
+FAKE_BENCHMARK_MODEL = """#!/bin/sh
+# Stands in for TFLite's benchmark_model on the "board": records its arguments, prints the
+# output of a real build (fixtures/benchmark_model/, see their README).
+printf '%s\\n' "$*" >> "{log}"
+case "$*" in
+  *--enable_op_profiling=true*) cat "{fixtures}/op_profiling_starnet.txt" ;;
+  *) cat "{fixtures}/classic_litert_percentiles.txt" ;;
+esac
+"""
+
+
+def test_ssh_with_a_benchmark_model_binary(demo_run, board, tmp_path):
+    from edgestar.deploy.benchmark_output import parse_benchmark_output
+
+    fixtures = Path(__file__).parent / "fixtures" / "benchmark_model"
+    fake = tmp_path / "benchmark_model"
+    fake.write_text(FAKE_BENCHMARK_MODEL.format(log=tmp_path / "calls.log", fixtures=fixtures))
+    fake.chmod(0o755)
+    before = remote_folders()
+    res = edgestar("bench", demo_run, "--device", "ssh://board", "--ssh-config", board.config,
+                   "--benchmark-binary", fake, "--threads", "1,0", "--runs", 4, "--op-profile",
+                   "--no-save", "--json")
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert len(calls) == 2 * 2 * 4 + 2  # 2 models x threads 1 and all cores x 4 rounds, + 2 profiles
+    assert all("--use_xnnpack=true --num_runs=1" in c for c in calls)
+    assert result["settings"]["threads"] == [1, os.cpu_count()] and result["system"]["machine"]
+    expected = parse_benchmark_output((fixtures / "classic_litert_percentiles.txt").read_text())
+    for row in result["rows"]:
+        assert row["mean_ms"] == pytest.approx(expected.mean_ms) and row["p90_ms"] is None
+        assert row["count"] == 4 * expected.count
+    int8 = next(r for r in result["rows"] if r["model"] == "tflite int8")
+    assert int8["vs_fp32"]["median"] == pytest.approx(1.0)  # the same fixture for both models
+    ops = result["op_profile"]["tflite int8"]
+    assert {o["op_type"] for o in ops} >= {"DEPTHWISE_CONV_2D", "MUL", "CONV_2D"}
+    assert "op types by time, tflite int8" in res.stderr
+    assert remote_folders() == before
