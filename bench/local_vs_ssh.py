@@ -13,6 +13,7 @@ machine's noise, and this says how close that is.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -63,6 +64,7 @@ def main() -> None:
     finally:
         if server is not None:
             server.stop()
+            shutil.rmtree(server.folder.parent, ignore_errors=True)  # throwaway keys included
 
     print(f"{args.repeat} repeats x {args.runs} interleaved rounds, {', '.join(map(str, threads))} thread(s); "
           "median ms of each repeat")

@@ -315,11 +315,13 @@ def bench(paths, device, profile, threads, kernels, runs, warmup, min_seconds, e
     """Latency (and on-device accuracy) of a run's models on this machine or a board."""
     from edgestar import BenchConfig
     from edgestar import bench as run_bench
-    from edgestar.files import atomic_write_json, check_can_create
+    from edgestar.files import atomic_write_json, ensure_writable_dir
     from edgestar.report.bench_table import bench_table
 
-    if out:
-        check_can_create(Path(out), "--out file")
+    if out:  # its folder is made (or refused) now, not after a long device run
+        if Path(out).is_dir():
+            raise click.BadParameter(f"{out} is a directory", param_hint="--out")
+        ensure_writable_dir(Path(out).absolute().parent)
     config = BenchConfig(device=device, profile=profile, threads=threads, kernels=kernels, runs=runs,
                          warmup=warmup, min_seconds=min_seconds, eval=eval_, eval_samples=eval_samples,
                          remote_python=remote_python, ssh_config=Path(ssh_config) if ssh_config else None,
@@ -329,8 +331,6 @@ def bench(paths, device, profile, threads, kernels, runs, warmup, min_seconds, e
     log = (lambda *_: None) if quiet else (lambda msg: click.echo(msg, err=True))
     result = run_bench(list(paths), config, log=log, progress_factory=progress_factory(quiet))
     data = result.to_json()
-    if out:
-        atomic_write_json(Path(out), data)
     if not (quiet and as_json):
         click.echo(bench_table(data), err=as_json)
         for run_dir in result.written:
@@ -340,6 +340,13 @@ def bench(paths, device, profile, threads, kernels, runs, warmup, min_seconds, e
             click.echo(f"WARNING: {warning}", err=True)
     if as_json:
         click.echo(json.dumps(data))
+    if out:
+        try:
+            atomic_write_json(Path(out), data)
+        except OSError as exc:
+            raise DomainError(f"cannot write --out {out}: {exc.strerror}", 2) from None
+    if result.store_errors:  # shown after the numbers, so a failed save loses nothing measured
+        raise DomainError("; ".join(result.store_errors), 1)
 
 
 @cli.command()

@@ -92,12 +92,14 @@ LogLevel ERROR
     config = folder / "ssh_config"
     config.write_text(f"Host board\n{common}  IdentityFile {folder}/user_key\n\n"
                       f"Host board-badkey\n{common}  IdentityFile {folder}/stranger_key\n")
+    log = open(folder / "sshd.log", "w")  # a file, not a pipe nobody reads (a full pipe would block sshd)
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(folder / "sshd_config")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=log)
+    log.close()
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"sshd exited: {proc.stderr.read().strip()[-300:]}")
+            raise RuntimeError(f"sshd exited: {(folder / 'sshd.log').read_text().strip()[-300:]}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 break

@@ -104,7 +104,7 @@ def test_percentile_matches_numpy(values, q):
 def test_latency_stats_and_paired_speedup():
     s = latency_stats([1.0, 2.0, 3.0, 4.0, 10.0])
     assert s == {"count": 5, "mean_ms": 4.0, "median_ms": 3.0, "p90_ms": 7.6, "min_ms": 1.0,
-                 "max_ms": 10.0, "std_ms": round(float(np.std([1, 2, 3, 4, 10], ddof=1)), 4)}
+                 "max_ms": 10.0, "std_ms": round(float(np.std([1, 2, 3, 4, 10])), 4)}
     # rounds where the machine was slow slow down both: the per-round ratio stays 2
     fp32 = [4.0, 8.0, 40.0, 4.0]
     int8 = [2.0, 4.0, 20.0, 2.0]
@@ -206,6 +206,11 @@ def test_board_runner_reports_an_unloadable_model(tmp_path):
     (["--profile", "cortex-m4"], "is a microcontroller"),
     (["--profile", "rpi5"], "give --device ssh://"),
     (["--runs", "0"], "0 is not in the range"),
+    (["--device", "ssh://h", "--remote-python", "'oops"], "No closing quotation"),
+    (["--device", "ssh://h", "--remote-python", ""], "--remote-python is empty"),
+    (["--op-profile"], "--op-profile applies to benchmark_model runs"),
+    (["--eval-samples", "5"], "--eval-samples needs --eval"),
+    (["--device", "vela:--help"], "give a Vela accelerator configuration"),
 ])
 def test_bad_bench_options_are_one_line_errors(tmp_path, args, match):
     run = fake_run(tmp_path / "run")
@@ -262,8 +267,10 @@ def test_adb_runs_benchmark_model_with_quoted_commands_and_cleans_up(tmp_path, m
     assert [Path(c[4]).name for c in pushes] == ["benchmark_model", "model_0.tflite", "model_1.tflite"]
     runs = [c[3] for c in calls if c[2] == "shell" and "./benchmark_model" in c[3]]
     assert len(runs) == 2 * 2 * 5  # 2 models x 2 thread counts x 5 invocation rounds of 2 runs
-    assert runs[0] == (f"cd {folder} && taskset f0 ./benchmark_model --graph=model_0.tflite --num_threads=1 "
-                       "--use_xnnpack=true --num_runs=2 --warmup_runs=5 --min_secs=0")
+    command = ("taskset f0 ./benchmark_model --graph=model_0.tflite --num_threads=1 "
+               "--use_xnnpack=true --num_runs=2 --warmup_runs=5 --min_secs=0")
+    assert runs[0] == (f"cd {folder} && if command -v timeout >/dev/null 2>&1; then timeout -s KILL 600 "
+                       f"{command}; else {command}; fi")
     assert calls[-1][2:] == ["shell", f"rm -rf {folder}"]
     assert not any("PWNED" in " ".join(c) for c in calls)
     assert {(r["model"], r["threads"]) for r in result.rows} == {
@@ -295,3 +302,75 @@ def test_remote_commands_quote_every_word_and_expand_only_a_leading_home():
     out = subprocess.run(["sh", "-c", "printf '%s\\n' " + remote_words(["~/x y", "$(echo hi)", "`id`;"])],
                          capture_output=True, text=True, env={"HOME": "/h", "PATH": os.environ["PATH"]})
     assert out.stdout.splitlines() == ["/h/x y", "$(echo hi)", "`id`;"]
+
+
+@pytest.mark.parametrize("manifest, match", [
+    ([], "not an edgestar manifest"),
+    ({"artifacts": {"tflite_int8": {"bytes": 3}}}, "has no plain file name"),
+    ({"artifacts": {"tflite_int8": {"path": "../outside.tflite"}}}, "has no plain file name"),
+    ({"artifacts": {"tflite_int8": {"path": "/etc/passwd"}}}, "has no plain file name"),
+    ({"artifacts": {"tflite_int8": "x"}}, "has no plain file name"),
+])
+def test_malformed_manifests_are_one_line_errors(tmp_path, manifest, match):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    res = CliRunner().invoke(cli, ["bench", str(run)])
+    assert res.exit_code == 2 and match in res.output and "Traceback" not in res.output
+
+
+def test_loose_files_are_compared_only_with_the_same_network_and_named_uniquely(tmp_path):
+    from edgestar.deploy.bench import _add_speedups, _ids, _row
+    from edgestar.deploy.models import collect_models
+
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for name in ("a.tflite", "b.tflite"):
+        (loose / name).write_bytes(FAKE_TFLITE + name.encode())  # no edgestar metadata
+    a, b = collect_models([loose / "a.tflite", loose / "b.tflite"])
+    assert a.group != b.group  # nothing says they are the same network
+
+    run = fake_run(tmp_path / "run", tflite_fp32="f.tflite", tflite_int8="i.tflite", tflite_dynamic="d.tflite")
+    models = collect_models([run])
+    files = _ids(models, ".tflite")
+    samples = {("model_0.tflite", "xnnpack", 1): [4.0, 4.0], ("model_1.tflite", "xnnpack", 1): [2.0, 2.0],
+               ("model_2.tflite", "xnnpack", 1): [1.0, 1.0]}
+    rows = [_row(n, files, "xnnpack", 1, {}) for n in files]
+    _add_speedups(rows, files, samples)
+    assert [r["vs_fp32"] and r["vs_fp32"]["median"] for r in rows] == [None, 2.0, 4.0]
+
+    models = collect_models([run, loose / "a.tflite"])
+    assert [m.name for m in models] == ["run: tflite fp32", "run: tflite int8", "run: tflite dynamic",
+                                        "loose: a.tflite"]
+
+
+def test_bench_out_makes_its_folder_and_refuses_a_directory(tmp_path):
+    run = fake_run(tmp_path / "run")
+    res = CliRunner().invoke(cli, ["bench", str(run), "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "is a directory" in res.output
+
+
+def test_an_unwritable_bench_json_is_refused_before_the_run(tmp_path):
+    run = fake_run(tmp_path / "run")
+    (run / "bench.json").mkdir()
+    res = CliRunner().invoke(cli, ["bench", str(run)])
+    assert res.exit_code == 2 and "bench.json is a directory" in res.output
+
+
+def test_adb_phone_without_nproc_still_benchmarks(tmp_path, monkeypatch):
+    from edgestar import BenchConfig, bench
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "adb").write_text(FAKE_ADB.replace('*nproc*) echo 8 ;;',
+                                                 '*nproc*) echo "/system/bin/sh: nproc: not found" >&2; exit 127 ;;'))
+    (bindir / "adb").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("ADB_LOG", str(tmp_path / "adb.log"))
+    monkeypatch.setenv("ADB_OUTPUT", str(Path(__file__).parent / "fixtures" / "benchmark_model"
+                                         / "classic_tf_desktop.txt"))
+    binary = tmp_path / "benchmark_model"
+    binary.write_bytes(b"fake")
+    result = bench([fake_run(tmp_path / "run")], BenchConfig(device="adb", benchmark_binary=binary, runs=2,
+                                                              write=False))
+    assert result.settings["threads"] == [1] and "cpus" not in result.system  # 1 and "all cores" = 1

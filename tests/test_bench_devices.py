@@ -94,7 +94,7 @@ def test_ssh_bench_with_on_device_evaluation_cleans_up(run_copy, board):
     assert "on-device evaluation, tflite int8, 40 images" in res.stdout
     result = json.loads((run_copy / "bench.json").read_text())["devices"]["ssh://board"]
     assert {r["model"] for r in result["rows"]} == {"tflite fp32", "tflite int8"}  # no ONNX on a board
-    ev = result["evaluation"]["tflite int8"]
+    (ev,) = [e for e in result["evaluation"] if e["model"] == "tflite int8"]
     # the "board" is this machine with the same runtime: the same outputs, bit for bit
     assert ev["images"] == 40 and ev["agreement_with_host"] == 1.0 and ev["bit_exact_images"] == 1.0
     assert ev["top1"] == ev["host_top1"] and ev["top1"] > 0.4  # trained demo model; chance is 0.1
@@ -118,7 +118,7 @@ def test_hostile_model_paths_neither_break_nor_inject(demo_run, board, tmp_path)
 @pytest.mark.parametrize("device, extra, code, words", [
     ("ssh://board:1", [], 2, "cannot connect"),  # port 1: nothing listens (the alias's port is overridden)
     ("ssh://board-badkey", [], 2, "authentication refused"),
-    ("ssh://board", ["--remote-python", "/nonexistent/python3"], 2, "not found on the device"),
+    ("ssh://board", ["--remote-python", "/nonexistent/python3"], 2, "not found or not executable on the device"),
 ])
 def test_ssh_failures_are_one_line_errors_naming_the_host(demo_run, board, device, extra, code, words):
     res = edgestar("bench", demo_run / "starnet_s1_32_int8.tflite", "--device", device, "--ssh-config",
@@ -140,29 +140,57 @@ def test_a_board_without_any_tflite_runtime(demo_run, board, tmp_path):
     assert remote_folders() == before
 
 
-def test_a_hung_board_times_out_and_is_cleaned_up(demo_run, board, tmp_path):
+def test_a_hung_board_is_stopped_on_the_board_and_cleaned_up(demo_run, board, tmp_path):
+    """A runner that hangs (here a stand-in that sleeps) is killed on the board by the device's
+    ``timeout`` at the deadline: no process is left behind, nor the folder."""
     slow = tmp_path / "slow-python"
-    slow.write_text("#!/bin/sh\nexec sleep 120\n")
+    slow.write_text("#!/bin/sh\nexec sleep 1234\n")
     slow.chmod(0o755)
     before = remote_folders()
     res = edgestar("bench", demo_run / "starnet_s1_32_int8.tflite", "--device", "ssh://board",
                    "--ssh-config", board.config, "--remote-python", slow, "--timeout", 2, "--no-save",
                    timeout=120)
     assert res.returncode == 1, res.stderr
-    assert "Error: ssh://board (running): no result within" in res.stderr
+    assert "Error: ssh://board: the benchmark runner was killed (SIGKILL: the deadline of 2 s" in res.stderr
     assert remote_folders() == before
+    assert subprocess.run(["pgrep", "-f", "sleep 1234"], capture_output=True).returncode == 1
+
+
+def test_the_runner_stops_itself_at_its_deadline(demo_run, board):
+    res = edgestar("bench", demo_run / "starnet_s1_32_int8.tflite", "--device", "ssh://board",
+                   "--ssh-config", board.config, "--remote-python", sys.executable, "--timeout", 3,
+                   "--min-seconds", 60, "--no-save", timeout=120)
+    assert res.returncode == 1, res.stderr
+    assert "the benchmark runner stopped itself at its deadline of 3 s (--timeout)" in res.stderr
 
 
 def test_several_runs_are_compared_each_with_its_own_fp32(demo_run, tmp_path):
     a = Path(shutil.copytree(demo_run, tmp_path / "a"))
     b = Path(shutil.copytree(demo_run, tmp_path / "b"))
-    res = edgestar("bench", a, b, "--runs", 4, "--warmup", 0, "--threads", 1, "--kernels", "xnnpack")
+    res = edgestar("bench", a, b, "--runs", 4, "--warmup", 0, "--threads", 1, "--kernels", "xnnpack",
+                   "--eval", "demo", "--eval-samples", 8)
     assert res.returncode == 0, res.stderr
     assert "a: tflite int8" in res.stdout and "b: tflite int8" in res.stdout
+    assert "on-device evaluation, a: tflite int8" in res.stdout and "on-device evaluation, b: tflite int8" in res.stdout
     for run in (a, b):
-        rows = json.loads((run / "bench.json").read_text())["devices"]["local"]["rows"]
-        assert {r["run_dir"] for r in rows} == {str(run)}
-        assert [r["vs_fp32"] is not None for r in rows if r["model"] == "tflite int8"] == [True]
+        stored = json.loads((run / "bench.json").read_text())["devices"]["local"]
+        assert {r["run_dir"] for r in stored["rows"]} == {str(run)}
+        assert [r["vs_fp32"]["reference"] for r in stored["rows"] if r["model"] == "tflite int8"] == [
+            f"{run.name}: tflite fp32"]
+        # each run keeps the evaluation of its own files
+        assert sorted(Path(e["path"]).parent for e in stored["evaluation"]) == [run, run]
+
+
+def test_one_core_dedupes_all_cores_and_one_thread(run_copy):
+    if shutil.which("taskset") is None:
+        pytest.skip("taskset not installed")
+    res = subprocess.run(["taskset", "-c", "0", sys.executable, "-m", "edgestar.cli", "bench", str(run_copy),
+                          "--runs", "3", "--warmup", "0", "--threads", "1,0", "--kernels", "xnnpack", "--json", "-q",
+                          "--no-save"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    keys = [(r["model"], r["kernels"], r["threads"]) for r in result["rows"]]
+    assert len(keys) == len(set(keys)) and {k[2] for k in keys} == {1} and result["system"]["cpus"] == 1
 
 
 FAKE_BENCHMARK_MODEL = """#!/bin/sh
@@ -199,7 +227,7 @@ def test_ssh_with_a_benchmark_model_binary(demo_run, board, tmp_path):
         assert row["count"] == 4 * expected.count
     int8 = next(r for r in result["rows"] if r["model"] == "tflite int8")
     assert int8["vs_fp32"]["median"] == pytest.approx(1.0)  # the same fixture for both models
-    ops = result["op_profile"]["tflite int8"]
+    (ops,) = [p["op_types"] for p in result["op_profile"] if p["model"] == "tflite int8"]
     assert {o["op_type"] for o in ops} >= {"DEPTHWISE_CONV_2D", "MUL", "CONV_2D"}
     assert "op types by time, tflite int8" in res.stderr
     assert remote_folders() == before

@@ -29,11 +29,11 @@ import numpy as np
 from edgestar.deploy.devices import KERNELS, Device, parse_device
 from edgestar.deploy.models import BenchModel, collect_models
 from edgestar.deploy.stats import latency_stats, speedup
-from edgestar.errors import InputError, StageError
+from edgestar.errors import EdgestarError, InputError, StageError
 
 BENCH_FILE = "bench.json"
 BENCH_VERSION = 1
-MAX_THREADS = 0  # in a job: as many threads as the device has cores
+ALL_CORES = 0  # a thread count meaning: as many threads as the device has cores
 
 
 @dataclass(kw_only=True)
@@ -66,13 +66,14 @@ class BenchResult:
     runtime: dict | None
     settings: dict
     rows: list[dict] = field(default_factory=list)
-    evaluation: dict = field(default_factory=dict)  # model label -> on-device scores
-    op_profile: dict = field(default_factory=dict)  # model label -> time per op type (benchmark_model)
+    evaluation: list[dict] = field(default_factory=list)  # per model: on-device scores
+    op_profile: list[dict] = field(default_factory=list)  # per model: time per op type (benchmark_model)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     measured: str = ""
     seconds: float = 0.0
     written: list[str] = field(default_factory=list)  # run directories the results went to
+    store_errors: list[str] = field(default_factory=list)  # run directories they could not go to
 
     def to_json(self) -> dict:
         return {"bench_version": BENCH_VERSION, **asdict(self)}
@@ -85,6 +86,8 @@ def bench(paths, config: BenchConfig | None = None, *, log=None, progress_factor
     device, threads, kernels = _resolve(config)
     _check_options(config, device)
     models = collect_models(paths, host=device.kind == "local")
+    if config.write:
+        _check_writable(models)
     settings = {"runs": config.runs, "warmup": config.warmup, "min_seconds": config.min_seconds,
                 "threads": list(threads), "kernels": list(kernels), "profile": config.profile}
     t0 = time.perf_counter()
@@ -97,8 +100,19 @@ def bench(paths, config: BenchConfig | None = None, *, log=None, progress_factor
     result.measured = datetime.now(timezone.utc).isoformat(timespec="seconds")
     result.seconds = round(time.perf_counter() - t0, 2)
     if config.write:
-        result.written = store(result, models)
+        result.written, result.store_errors = store(result, models)
     return result
+
+
+def _check_writable(models: list[BenchModel]) -> None:
+    """Refuse, before a long device run, run directories the results could not be written to."""
+    import os
+
+    for run_dir in dict.fromkeys(m.run_dir for m in models if m.run_dir is not None):
+        if not os.access(run_dir, os.W_OK | os.X_OK):
+            raise InputError(f"run directory {run_dir} is not writable (pass --no-save to only print)")
+        if (Path(run_dir) / BENCH_FILE).is_dir():
+            raise InputError(f"{Path(run_dir) / BENCH_FILE} is a directory")
 
 
 def _resolve(config: BenchConfig):
@@ -116,7 +130,7 @@ def _resolve(config: BenchConfig):
         value = f"vela:{profile.vela}" if profile.device == "vela" else profile.device
     device = parse_device(value or "local")
     threads = tuple(config.threads or (profile.threads if profile else ()) or
-                    ((1, MAX_THREADS) if device.kind != "vela" else (1,)))
+                    ((1, ALL_CORES) if device.kind != "vela" else (1,)))
     if any(t < 0 for t in threads):
         raise InputError("--threads must be 0 (all cores) or more")
     threads = tuple(dict.fromkeys(threads))
@@ -149,10 +163,29 @@ def _check_options(config: BenchConfig, device: Device) -> None:
         what = "a vela: estimate" if device.kind == "vela" else "benchmark_model"
         raise InputError(f"--eval needs the Python runner on the device; {what} cannot return "
                          "the model's outputs (use ssh:// without --benchmark-binary)")
+    if config.op_profile and not binary:
+        raise InputError("--op-profile applies to benchmark_model runs (adb, or --benchmark-binary)")
+    if config.eval_samples is not None and config.eval is None:
+        raise InputError("--eval-samples needs --eval")
+    if device.kind in ("ssh", "adb") and not binary:
+        remote_python(config)  # a value that does not parse fails now, not after the eval inputs
     if config.cpu_mask is not None and not binary:
         raise InputError("--cpu-mask applies to benchmark_model runs (adb, or --benchmark-binary)")
     if config.cpu_mask is not None and not all(c in "0123456789abcdefABCDEF" for c in config.cpu_mask):
         raise InputError(f"--cpu-mask {config.cpu_mask!r} is not a hexadecimal CPU mask (e.g. f0)")
+
+
+def remote_python(config: BenchConfig) -> list[str]:
+    """``--remote-python`` as words (``/usr/bin/env python3`` is two); each is quoted on the board."""
+    import shlex
+
+    try:
+        words = shlex.split(config.remote_python)
+    except ValueError as exc:
+        raise InputError(f"--remote-python {config.remote_python!r}: {exc}") from None
+    if not words:
+        raise InputError("--remote-python is empty")
+    return words
 
 
 # --------------------------------------------------------------------------- the Python runner
@@ -168,18 +201,14 @@ def _transport(device: Device, config: BenchConfig):
 
 
 def _runner(models, device, config, threads, kernels, settings, log, progress_factory) -> BenchResult:
-    import shlex
-
     from edgestar.deploy import board_runner
     from edgestar.deploy.device_eval import prepare, score
 
-    files = {f"model_{i}{m.path.suffix}": m for i, m in enumerate(models)}
+    files = _ids(models, ".tflite")
     job_models = {name: {"file": name, "kind": m.kind} for name, m in files.items()}
-    configs = []
-    for name, m in files.items():
-        for t in threads:
-            for k in (kernels if m.kind == "tflite" else ("onnxruntime",)):
-                configs.append({"model": name, "kernels": k, "threads": t})
+    configs = [{"model": name, "kernels": k, "threads": t}
+               for name, m in files.items() for t in threads
+               for k in (kernels if m.kind == "tflite" else ("onnxruntime",))]
     job = {"models": job_models, "configs": configs, "warmup": config.warmup, "runs": config.runs,
            "min_seconds": config.min_seconds, "eval": []}
     prepared = {}
@@ -189,9 +218,10 @@ def _runner(models, device, config, threads, kernels, settings, log, progress_fa
                 log(f"preparing evaluation inputs for {m.label}")
                 prepared[name] = prepare(m, config.eval, samples=config.eval_samples, seed=config.seed,
                                          progress_factory=progress_factory)
-                job["eval"].append({"model": name, "inputs": f"{name}.eval.npy", "threads": MAX_THREADS})
+                job["eval"].append({"model": name, "inputs": f"{name}.eval.npy", "threads": ALL_CORES})
     timeout = config.timeout_s or _runner_timeout(models, configs, config, prepared)
     job["deadline_s"] = timeout
+    python = [sys.executable] if device.kind == "local" else remote_python(config)
 
     with tempfile.TemporaryDirectory(prefix="edgestar-bench-") as tmp:
         staged = _staged_copies(tmp, files)
@@ -200,34 +230,33 @@ def _runner(models, device, config, threads, kernels, settings, log, progress_fa
             staged.append(Path(tmp) / f"{name}.eval.npy")
         (Path(tmp) / "job.json").write_text(json.dumps(job))
         staged += [Path(tmp) / "job.json", Path(board_runner.__file__)]
-        python = [sys.executable] if device.kind == "local" else shlex.split(config.remote_python)
-        if not python:
-            raise InputError("--remote-python is empty")
         transport = _transport(device, config)
         log(f"{device.name}: {len(configs)} configurations x {config.runs} interleaved rounds"
             + (f", then {len(prepared)} model(s) on {len(next(iter(prepared.values())).inputs)} images"
                if prepared else ""))
         with transport:
             transport.push(staged)
+            # the runner stops itself at the deadline (SIGALRM); the device's `timeout` a little
+            # later; this side last
             proc = transport.run([*python, Path(board_runner.__file__).name, "job.json"], timeout + 5)
         warnings = list(transport.warnings)
-    out = _runner_output(proc, device, python[0])
+    out = _runner_output(proc, device, python[0], timeout)
 
-    result = BenchResult(device.name, False, out["system"], out["runtime"], settings, warnings=warnings)
+    result = BenchResult(device=device.name, estimate=False, system=out["system"], runtime=out["runtime"],
+                         settings=settings, warnings=warnings)
     result.settings["rounds"] = out["rounds"]
     result.settings["timed_seconds"] = out["seconds"]
     samples = {}
     for c in out["configs"]:
-        m = files[c["model"]]
         samples[c["model"], c["kernels"], c["threads"]] = c["samples_ms"]
-        result.rows.append(_row(m, c["kernels"], c["threads"], latency_stats(c["samples_ms"])))
-    _add_speedups(result.rows, models, files, samples)
+        result.rows.append(_row(c["model"], files, c["kernels"], c["threads"], latency_stats(c["samples_ms"])))
+    _add_speedups(result.rows, files, samples)
     result.warnings += busy_warnings(result.system, result.rows)
     for name, p in prepared.items():
         outputs = _decode_npy(out["eval"].get(name, {}).get("outputs_npy_b64"), device)
-        result.evaluation[files[name].label] = {"model": str(files[name].path), **score(p, outputs)}
+        result.evaluation.append({**_identity(name, files), **score(p, outputs)})
         if not p.labelled:
-            result.notes.append(f"{files[name].label}: no top-1 on the device ({p.why}); agreement only")
+            result.notes.append(f"{files[name].name}: no top-1 on the device ({p.why}); agreement only")
     if device.kind == "local" and "onnxruntime" in {r["kernels"] for r in result.rows}:
         result.runtime = dict(result.runtime or {}, onnxruntime=_version("onnxruntime"))
     return result
@@ -261,26 +290,46 @@ def _runner_timeout(models, configs, config, prepared) -> float:
     return 300 + 20 * (config.warmup + config.runs) * per_round + config.min_seconds * 2 + 0.5 * images
 
 
-def _runner_output(proc, device: Device, python: str) -> dict:
+def _runner_output(proc, device: Device, python: str, timeout: float) -> dict:
+    from edgestar.deploy.board_runner import NO_RUNTIME
+    from edgestar.deploy.transports import last_line
+
     lines = [ln for ln in (proc.stdout or "").splitlines() if ln.startswith("{")]
     try:
         out = json.loads(lines[-1]) if lines else None
     except json.JSONDecodeError:
         out = None
-    if out is not None and "error" in out:
-        from edgestar.deploy.board_runner import NO_RUNTIME
-
+    if isinstance(out, dict) and "error" in out:
         cls = InputError if out["error"] == NO_RUNTIME else StageError
         raise cls(f"{device.name}: {out['message']}")
-    if proc.returncode == 127 or (proc.returncode != 0 and "not found" in (proc.stderr or "")
-                                  and out is None):
-        raise InputError(f"{device.name}: {python!r} not found on the device (--remote-python)")
-    if out is None or proc.returncode != 0:
-        from edgestar.deploy.transports import _last_line
-
-        raise StageError(f"{device.name}: the benchmark runner failed (exit {proc.returncode}): "
-                         f"{_last_line(proc.stderr or proc.stdout)}")
+    if proc.returncode in (126, 127):
+        raise InputError(f"{device.name}: {python!r} not found or not executable on the device "
+                         f"(--remote-python): {last_line(proc.stderr)}")
+    if proc.returncode != 0:
+        raise StageError(f"{device.name}: the benchmark runner {signal_cause(proc.returncode, timeout)}: "
+                         f"{last_line(proc.stderr or proc.stdout)}")
+    if not isinstance(out, dict) or "configs" not in out:
+        raise StageError(f"{device.name}: the benchmark runner returned no result: "
+                         f"{last_line(proc.stderr or proc.stdout)}")
     return out
+
+
+def signal_cause(returncode: int, timeout: float) -> str:
+    """What a non-zero exit status says. A shell reports a child killed by signal N as 128 + N;
+    Python's subprocess as -N."""
+    import signal
+
+    number = -returncode if returncode < 0 else returncode - 128 if returncode > 128 else None
+    if number == signal.SIGALRM:
+        return f"stopped itself at its deadline of {timeout:.0f} s (--timeout)"
+    if number == signal.SIGKILL:
+        return f"was killed (SIGKILL: the deadline of {timeout:.0f} s, or out of memory)"
+    if number is not None:
+        try:
+            return f"was killed by {signal.Signals(number).name}"
+        except ValueError:
+            pass
+    return f"failed (exit {returncode})"
 
 
 def _decode_npy(b64: str | None, device: Device) -> np.ndarray:
@@ -307,8 +356,7 @@ def _binary(models, device, config, threads, kernels, settings, log) -> BenchRes
     """benchmark_model on the device, models alternated invocation by invocation."""
     from edgestar.deploy.benchmark_output import parse_benchmark_output, pooled
 
-    models = [m for m in models if m.kind == "tflite"]
-    files = {f"model_{i}.tflite": m for i, m in enumerate(models)}
+    files = _ids([m for m in models if m.kind == "tflite"], ".tflite")
     rounds = max(1, min(5, config.runs))
     per_round = math.ceil(config.runs / rounds)
     timeout = config.timeout_s or 600.0
@@ -332,28 +380,29 @@ def _binary(models, device, config, threads, kernels, settings, log) -> BenchRes
                     for t in threads:
                         for k in kernels:
                             argv = _benchmark_argv(name, t, k, per_round, config)
-                            log(f"{device.name}: round {r + 1}/{rounds}: {files[name].label}, {k}, {t} thread(s)")
-                            text = _checked(transport.run(argv, timeout), device)
+                            log(f"{device.name}: round {r + 1}/{rounds}: {files[name].name}, {k}, {t} thread(s)")
+                            text = _checked(transport.run(argv, timeout), device, timeout)
                             runs.setdefault((name, k, t), []).append(parse_benchmark_output(text))
             if config.op_profile:
                 for name in files:
                     argv = _benchmark_argv(name, threads[0], kernels[0], per_round, config) + [
                         "--enable_op_profiling=true"]
-                    profiles[name] = parse_benchmark_output(_checked(transport.run(argv, timeout), device))
+                    profiles[name] = parse_benchmark_output(_checked(transport.run(argv, timeout), device, timeout))
         warnings = list(transport.warnings)
-    result = BenchResult(device.name, False, system, {"name": "benchmark_model"}, settings, warnings=warnings)
+    result = BenchResult(device=device.name, estimate=False, system=system, runtime={"name": "benchmark_model"},
+                         settings=settings, warnings=warnings)
     result.settings.update(rounds=rounds, runs_per_invocation=per_round)
     means = {}
     for (name, k, t), parsed in runs.items():
         stats = pooled(parsed)
         means[name, k, t] = [p.mean_ms for p in parsed]
-        result.rows.append(_row(files[name], k, t, {
+        result.rows.append(_row(name, files, k, t, {
             "count": stats["count"], "mean_ms": stats["mean_ms"], "median_ms": stats.get("median_ms"),
             "p90_ms": None, "min_ms": stats["min_ms"], "max_ms": stats["max_ms"], "std_ms": stats["std_ms"]},
             memory_mb=max((p.memory_overall_mb or 0 for p in parsed), default=None) or None))
-    _add_speedups(result.rows, models, files, means, per="invocation")
+    _add_speedups(result.rows, files, means, per="invocation")
     for name, parsed in profiles.items():
-        result.op_profile[files[name].label] = [asdict(o) for o in parsed.op_types]
+        result.op_profile.append({**_identity(name, files), "op_types": [asdict(o) for o in parsed.op_types]})
     result.notes.append("benchmark_model reports aggregates per invocation: p90 is not available, "
                         "median is the median of the invocations' medians where the build prints one")
     return result
@@ -364,7 +413,7 @@ def _device_system(transport, device: Device) -> dict:
     def ask(*argv) -> str | None:
         try:
             proc = transport.run(list(argv), 60)
-        except StageError:
+        except EdgestarError:  # an old phone without nproc is no reason to stop
             return None
         out = (proc.stdout or "").strip()
         return out.splitlines()[-1].strip() if proc.returncode == 0 and out else None
@@ -395,15 +444,18 @@ def _benchmark_argv(name: str, threads: int, kernels: str, runs: int, config: Be
     return argv
 
 
-def _checked(proc, device: Device) -> str:
-    from edgestar.deploy.transports import _last_line
+def _checked(proc, device: Device, timeout: float) -> str:
+    """benchmark_model's output, or a one-line error. stdout and stderr are joined without a
+    separator: a last line cut off in stdout must stay visibly cut for the parser."""
+    from edgestar.deploy.transports import last_line
 
-    text = (proc.stdout or "") + "\n" + (proc.stderr or "")
+    text = (proc.stdout or "") + (proc.stderr or "")
+    if proc.returncode in (126, 127) or "Exec format error" in text:
+        raise InputError(f"{device.name}: benchmark_model cannot run there ({last_line(text)}); "
+                         "is it built for this device's CPU?")
     if proc.returncode != 0:
-        if proc.returncode in (126, 127) or "not found" in text or "Exec format error" in text:
-            raise InputError(f"{device.name}: benchmark_model cannot run there ({_last_line(text)}); "
-                             "is it built for this device's CPU?")
-        raise StageError(f"{device.name}: benchmark_model failed (exit {proc.returncode}): {_last_line(text)}")
+        raise StageError(f"{device.name}: benchmark_model {signal_cause(proc.returncode, timeout)}: "
+                         f"{last_line(text)}")
     return text
 
 
@@ -412,16 +464,18 @@ def _checked(proc, device: Device) -> str:
 def _vela(models, device, settings, log) -> BenchResult:
     from edgestar.deploy.vela import vela_estimate
 
-    result = BenchResult(device.name, True, {"device": device.name}, {"name": "ethos-u-vela"}, settings)
-    for m in models:
-        if m.kind != "tflite" or m.fmt in ("fp32", "fp16", "dynamic"):
-            result.notes.append(f"{m.label}: skipped, Vela compiles only fully quantized models")
+    result = BenchResult(device=device.name, estimate=True, system={"device": device.name},
+                         runtime={"name": "ethos-u-vela"}, settings=settings)
+    files = _ids(models, ".tflite")
+    for name, m in files.items():
+        if m.kind != "tflite" or m.fmt in ("fp32", "fp16", "dynamic", "mixed"):
+            result.notes.append(f"{m.name}: skipped, Vela compiles only fully quantized models")
             continue
-        log(f"{device.name}: compiling {m.label} with Vela")
+        log(f"{device.name}: compiling {m.name} with Vela")
         est = vela_estimate(m.path, accelerator=device.config)
         result.runtime = {"name": "ethos-u-vela", "version": est.get("vela_version")}
-        result.rows.append({"model": m.label, "path": str(m.path), "run_dir": _run_dir(m), "format": m.fmt,
-                            "kernels": "ethos-u", "threads": 1, **est})
+        est.pop("model", None)
+        result.rows.append({**_identity(name, files), "format": m.fmt, "kernels": "ethos-u", "threads": 1, **est})
     if not result.rows:
         raise InputError("no INT8 model to compile with Vela among the models given")
     return result
@@ -429,68 +483,79 @@ def _vela(models, device, settings, log) -> BenchResult:
 
 # --------------------------------------------------------------------------- rows, storage
 
-def _run_dir(m: BenchModel) -> str | None:
-    return str(m.run_dir) if m.run_dir is not None else None
+def _ids(models: list[BenchModel], suffix: str) -> dict[str, BenchModel]:
+    """Each model under the name it has on the device (``model_0.tflite``, ...), which is also
+    its key in rows, evaluation and op profile: labels repeat across runs, these do not."""
+    return {f"model_{i}{m.path.suffix or suffix}": m for i, m in enumerate(models)}
 
 
-def _row(m: BenchModel, kernels: str, threads: int, stats: dict, **extra) -> dict:
-    return {"model": m.label, "path": str(m.path), "run_dir": _run_dir(m), "group": m.group,
-            "format": m.fmt, "kernels": kernels, "threads": threads, **stats, "vs_fp32": None, **extra}
+def _identity(name: str, files: dict[str, BenchModel]) -> dict:
+    m = files[name]
+    return {"id": name, "name": m.name, "model": m.label, "path": str(m.path),
+            "run_dir": str(m.run_dir) if m.run_dir is not None else None, "group": m.group}
 
 
-def _add_speedups(rows, models, files, samples, per: str = "round") -> None:
+def _row(name: str, files: dict, kernels: str, threads: int, stats: dict, **extra) -> dict:
+    return {**_identity(name, files), "format": files[name].fmt, "kernels": kernels, "threads": threads,
+            **stats, "vs_fp32": None, **extra}
+
+
+def _add_speedups(rows, files, samples, per: str = "round") -> None:
     """Each model against its group's FP32 ``.tflite`` at the same kernels and threads, from
-    pairs timed in the same round (or invocation round)."""
-    reference = {}
+    pairs timed in the same round (or invocation round). A group with more than one FP32
+    model has no reference (which one would it be?)."""
+    fp32 = {}
     for name, m in files.items():
         if m.kind == "tflite" and m.fmt == "fp32":
-            reference.setdefault(m.group, name)
-    by_label = {(m.label, m.group): name for name, m in files.items()}
+            fp32.setdefault(m.group, []).append(name)
     for row in rows:
-        name = by_label[row["model"], row["group"]]
-        ref = reference.get(row["group"])
-        if ref is None or ref == name or files[name].kind != "tflite":
+        refs = fp32.get(row["group"], [])
+        if len(refs) != 1 or refs[0] == row["id"] or files[row["id"]].kind != "tflite":
             continue
-        pair = samples.get((ref, row["kernels"], row["threads"])), samples.get((name, row["kernels"], row["threads"]))
+        pair = samples.get((refs[0], row["kernels"], row["threads"])), samples.get((row["id"], row["kernels"], row["threads"]))
         if None not in pair:
             s = speedup(*pair)
             if s is not None:
-                row["vs_fp32"] = {**s, "per": per}
+                row["vs_fp32"] = {**s, "per": per, "reference": files[refs[0]].name}
 
 
-def store(result: BenchResult, models: list[BenchModel]) -> list[str]:
+def store(result: BenchResult, models: list[BenchModel]) -> tuple[list[str], list[str]]:
     """Write each run directory's share of the result: ``bench.json`` (per device, merged with
-    what other devices measured before) and ``manifest.json``'s ``device_latency``."""
+    what other devices measured before) and ``manifest.json``'s ``device_latency``, each
+    atomically. Returns (run directories written, one-line errors for those that failed)."""
     from edgestar.files import atomic_write_json
     from edgestar.pipeline.rundir import MANIFEST, load_manifest
 
-    written = []
+    written, errors = [], []
     for run_dir in dict.fromkeys(m.run_dir for m in models if m.run_dir is not None):
-        mine = [r for r in result.rows if r.get("run_dir") == str(run_dir)]
-        if not mine:
+        mine = lambda items: [x for x in items if x.get("run_dir") == str(run_dir)]  # noqa: E731
+        share = {**result.to_json(), "rows": mine(result.rows), "evaluation": mine(result.evaluation),
+                 "op_profile": mine(result.op_profile)}
+        if not share["rows"]:
             continue
-        labels = {m.label for m in models if m.run_dir == run_dir}
-        share = {**result.to_json(), "rows": mine,
-                 "evaluation": {k: v for k, v in result.evaluation.items() if k in labels},
-                 "op_profile": {k: v for k, v in result.op_profile.items() if k in labels}}
-        share.pop("written", None)
+        for key in ("written", "store_errors"):
+            share.pop(key, None)
         path = Path(run_dir) / BENCH_FILE
-        try:
-            existing = json.loads(path.read_text()) if path.is_file() else {}
-            if not isinstance(existing.get("devices"), dict):
+        existing = {}
+        if path.exists():
+            try:
+                existing = json.loads(path.read_text())
+                if not isinstance(existing, dict) or not isinstance(existing.get("devices"), dict):
+                    raise ValueError("no devices")
+            except (OSError, ValueError) as exc:
+                result.warnings.append(f"{path} was unreadable ({exc}); it now holds only this device")
                 existing = {}
-        except (OSError, json.JSONDecodeError):
-            existing = {}
         devices = {**existing.get("devices", {}), result.device: share}
         try:
             atomic_write_json(path, {"bench_version": BENCH_VERSION, "devices": devices})
             manifest = load_manifest(run_dir)
             manifest.setdefault("device_latency", {})[result.device] = summary_entry(share)
             atomic_write_json(Path(run_dir) / MANIFEST, manifest)
-        except OSError as exc:
-            raise InputError(f"cannot write the results into {run_dir}: {exc.strerror}") from None
+        except (OSError, InputError) as exc:
+            errors.append(f"cannot write the results into {run_dir}: {getattr(exc, 'strerror', None) or exc}")
+            continue
         written.append(str(run_dir))
-    return written
+    return written, errors
 
 
 def summary_entry(share: dict) -> dict:
@@ -501,6 +566,6 @@ def summary_entry(share: dict) -> dict:
         "device": share["device"], "measured": share["measured"], "estimate": share["estimate"],
         "system": share["system"], "runtime": share["runtime"], "bench_file": BENCH_FILE,
         "rows": [{k: r[k] for k in keep if k in r} for r in share["rows"]],
-        "evaluation": {k: {f: v.get(f) for f in ("images", "top1", "agreement_with_host", "bit_exact_images")}
-                       for k, v in share["evaluation"].items()},
+        "evaluation": [{f: e.get(f) for f in ("model", "images", "top1", "agreement_with_host", "bit_exact_images")}
+                       for e in share["evaluation"]],
     }

@@ -29,6 +29,7 @@ import sys
 import time
 
 RUNNER_VERSION = 1
+MAX_ROUNDS = 100000  # --min-seconds keeps rounds going; this bounds a tiny model's list of samples
 NO_RUNTIME, RUN_FAILED = 3, 4
 
 
@@ -64,10 +65,13 @@ def run_job(job_path):
         signal.alarm(int(job["deadline_s"]) + 1)
     np = _numpy()
     runtime = _runtime(needed=any(m["kind"] == "tflite" for m in job["models"].values()))
-    engines = []
+    engines, seen = [], set()
     for config in job["configs"]:
         model = job["models"][config["model"]]
-        threads = config["threads"] or (os.cpu_count() or 1)
+        threads = config["threads"] or cores()
+        if (config["model"], config["kernels"], threads) in seen:
+            continue  # e.g. 1 and "all cores" on a one-core board: time it once
+        seen.add((config["model"], config["kernels"], threads))
         path = os.path.join(folder, model["file"])
         if model["kind"] == "onnx":
             engine = OnnxEngine(np, path, threads)
@@ -81,7 +85,7 @@ def run_job(job_path):
         for _, engine in engines:
             engine.time_one()
     rounds, start = 0, time.perf_counter()
-    while rounds < job.get("max_rounds", 100000):
+    while rounds < MAX_ROUNDS:
         if rounds >= job["runs"] and time.perf_counter() - start >= job.get("min_seconds", 0):
             break
         shift = rounds % len(engines)
@@ -94,7 +98,7 @@ def run_job(job_path):
     for item in job.get("eval", []):
         model = job["models"][item["model"]]
         engine = TFLiteEngine(np, runtime, os.path.join(folder, model["file"]),
-                              item.get("threads") or (os.cpu_count() or 1), True)
+                              item.get("threads") or cores(), True)
         outputs = engine.outputs(np.load(os.path.join(folder, item["inputs"])))
         buf = io.BytesIO()
         np.save(buf, outputs)
@@ -110,6 +114,14 @@ def run_job(job_path):
                     for (config, _), s in zip(engines, samples)],
         "eval": evaluated,
     }
+
+
+def cores():
+    """The cores this process may run on (taskset and cgroup CPU sets count; os.cpu_count does not)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _numpy():
@@ -132,9 +144,10 @@ def _runtime(needed=True):
             interp = __import__(module, fromlist=["Interpreter"])
         except ImportError:
             continue
+        top = __import__(module.split(".")[0])
         return {"Interpreter": interp.Interpreter,
                 "OpResolverType": getattr(interp, "OpResolverType", None),
-                "info": {"name": package, "version": _version(package)}}
+                "info": {"name": package, "version": _version(package) or getattr(top, "__version__", None)}}
     raise RunnerError(NO_RUNTIME, "no TFLite runtime for %s: pip install ai-edge-litert "
                       "(64-bit boards) or tflite-runtime (32-bit ARM)" % sys.executable)
 
@@ -205,8 +218,9 @@ def _random_input(np, shape, dtype):
     rng = np.random.RandomState(0)
     if np.dtype(dtype).kind == "f":
         return rng.standard_normal(tuple(shape)).astype(dtype)
-    info = np.iinfo(dtype)
-    return rng.randint(info.min, int(info.max) + 1, size=tuple(shape)).astype(dtype)
+    info = np.iinfo(dtype)  # int8/uint8/int16 inputs in practice; stay within 32 bits anyway
+    low, high = max(int(info.min), -2 ** 31), min(int(info.max), 2 ** 31 - 2)
+    return rng.randint(low, high + 1, size=tuple(shape)).astype(dtype)
 
 
 def _load():
@@ -220,7 +234,7 @@ def _load():
 def system_info():
     """What the board is: CPU model, cores, OS, Python."""
     info = {"machine": platform.machine(), "system": platform.system(), "release": platform.release(),
-            "python": platform.python_version(), "cpus": os.cpu_count(), "cpu": None, "model": None}
+            "python": platform.python_version(), "cpus": cores(), "cpu": None, "model": None}
     try:
         with open("/proc/device-tree/model", "rb") as f:  # e.g. "Raspberry Pi 5 Model B Rev 1.0"
             info["model"] = f.read().decode("utf-8", "replace").strip("\0 \n")

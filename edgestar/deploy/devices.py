@@ -21,7 +21,7 @@ _HOST = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,252})")
 _IPV6 = re.compile(r"\[([0-9A-Fa-f:.]+(?:%[A-Za-z0-9]+)?)\]")
 _USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 _SERIAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-_VELA = re.compile(r"[a-z0-9-]+")
+_VELA = re.compile(r"[a-z][a-z0-9-]*")
 
 KERNELS = ("xnnpack", "builtin")  # LiteRT's default delegate (XNNPACK), or its builtin kernels alone
 
@@ -48,10 +48,6 @@ class Device:
             return f"vela:{self.config}"
         return "local"
 
-    @property
-    def remote(self) -> bool:
-        return self.kind in ("ssh", "adb")
-
 
 def parse_device(value: str) -> Device:
     """Parse a ``--device`` value; a one-line :class:`InputError` says what is wrong."""
@@ -71,6 +67,9 @@ def parse_device(value: str) -> Device:
         if not _VELA.fullmatch(config):
             raise InputError(f"--device {value!r}: give a Vela accelerator configuration, "
                              "e.g. vela:ethos-u55-128")
+        from edgestar.deploy.vela import check_accelerator
+
+        check_accelerator(config)
         return Device("vela", config=config)
     raise InputError(f"--device {value!r} is not local, ssh://[user@]host[:port], adb[:SERIAL] "
                      "or vela:CONFIG")

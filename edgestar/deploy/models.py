@@ -23,9 +23,9 @@ class BenchModel:
     kind: str  # "tflite" or "onnx"
     fmt: str  # fp32, int8, fp16, dynamic, mixed (int8 + float), or "model" when unknown
     run_dir: Path | None  # the run directory it belongs to (results are written there)
-    key: str  # its artifact key in the run's manifest, or its file name
     group: str  # models in one group are compared with the group's FP32 model
     manifest: dict | None = field(default=None, repr=False)
+    name: str = ""  # unique among the models of one bench (set by collect_models)
 
     @property
     def label(self) -> str:
@@ -75,29 +75,51 @@ def collect_models(paths, *, host: bool = True) -> list[BenchModel]:
                 models.append(m)
     if not any(m.kind == "tflite" for m in models):
         raise InputError(f"no .tflite model to benchmark in {', '.join(map(str, paths))}")
+    _name(models)
     return models
+
+
+def _name(models: list[BenchModel]) -> None:
+    """Unique display names: the label (``tflite int8``), prefixed with the run's folder name
+    when several runs are benchmarked, and the file name where a label still repeats."""
+    several = len({m.group for m in models}) > 1
+    for m in models:
+        m.name = f"{Path(m.run_dir).name if m.run_dir else m.path.parent.name}: {m.label}" if several else m.label
+    counts = {}
+    for m in models:
+        counts[m.name] = counts.get(m.name, 0) + 1
+    for m in models:
+        if counts[m.name] > 1:
+            m.name = f"{m.name} ({m.path.name})"
 
 
 def _run_models(root: Path) -> list[BenchModel]:
     from edgestar.models.checkpoints import sha256_file
 
     manifest = load_manifest(root)
+    artifacts = manifest.get("artifacts") if isinstance(manifest, dict) else None
+    if not isinstance(artifacts, dict):
+        raise InputError(f"{root / MANIFEST} is not an edgestar manifest (no artifacts)")
     if manifest.get("status") not in ("ok", None):
-        failed = [k for k, s in manifest.get("stages", {}).items() if s.get("status") == "failed"]
+        stages = manifest.get("stages") if isinstance(manifest.get("stages"), dict) else {}
+        failed = [k for k, s in stages.items() if isinstance(s, dict) and s.get("status") == "failed"]
         raise InputError(f"{root}: that run {manifest.get('status')}"
                          + (f" in stage {failed[0]}" if failed else "") + "; its models are not usable")
     models = []
-    for key, art in manifest.get("artifacts", {}).items():
+    for key, art in artifacts.items():
         if key != "onnx" and not key.startswith("tflite_"):
             continue
-        path = root / art["path"]
+        name = art.get("path") if isinstance(art, dict) else None
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise InputError(f"{root / MANIFEST}: artifact {key!r} has no plain file name")
+        path = root / name
         if not path.is_file():
-            raise InputError(f"{root}: {art['path']} is listed in {MANIFEST} but missing")
+            raise InputError(f"{root}: {name} is listed in {MANIFEST} but missing")
         if art.get("sha256") and sha256_file(path) != art["sha256"]:
             raise InputError(f"{path} changed since the run wrote it (sha256 differs from {MANIFEST})")
         kind = "onnx" if key == "onnx" else "tflite"
         fmt = "fp32" if kind == "onnx" else key[len("tflite_"):]
-        models.append(BenchModel(path, kind, fmt, root, key, str(root), manifest))
+        models.append(BenchModel(path, kind, fmt, root, str(root), manifest))
     if not models:
         raise InputError(f"{root}: its manifest lists no models")
     return models
@@ -122,8 +144,13 @@ def _model_file(path: Path) -> BenchModel:
     if member is not None:
         return member
     kind = suffix[1:]
-    fmt = "fp32" if kind == "onnx" else BenchModel(path, kind, "model", None, "", "").metadata.get("format", "model")
-    return BenchModel(path, kind, fmt, None, path.name, str(path.parent.resolve()))
+    meta = BenchModel(path, kind, "model", None, "").metadata
+    fmt = "fp32" if kind == "onnx" else meta.get("format", "model")
+    # Loose files are compared with an FP32 file beside them only when edgestar's metadata says
+    # they are the same network (variant, input size, classes); anything else stands alone.
+    same = (meta.get("variant"), (meta.get("preprocessing") or {}).get("img_size"), meta.get("num_classes"))
+    group = f"{path.parent.resolve()}::{same}" if None not in same else str(path.resolve())
+    return BenchModel(path, kind, fmt, None, group)
 
 
 def _as_run_member(path: Path) -> BenchModel | None:

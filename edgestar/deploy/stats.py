@@ -21,7 +21,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def latency_stats(samples_ms: list[float]) -> dict:
-    """count, mean, median, p90, min, max and (sample) standard deviation in milliseconds."""
+    """count, mean, median, p90, min, max and standard deviation in milliseconds. The standard
+    deviation is the population one (divide by n), as TFLite's benchmark_model prints it."""
     if not samples_ms:
         raise ValueError("no samples")
     return {
@@ -31,7 +32,7 @@ def latency_stats(samples_ms: list[float]) -> dict:
         "p90_ms": round(percentile(samples_ms, 90), 4),
         "min_ms": round(min(samples_ms), 4),
         "max_ms": round(max(samples_ms), 4),
-        "std_ms": round(statistics.stdev(samples_ms), 4) if len(samples_ms) > 1 else 0.0,
+        "std_ms": round(statistics.pstdev(samples_ms), 4),
     }
 
 

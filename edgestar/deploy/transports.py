@@ -32,7 +32,8 @@ class Timeout(StageError):
     pass
 
 
-def _last_line(text: str, limit: int = 300) -> str:
+def last_line(text: str, limit: int = 300) -> str:
+    """The last non-blank line of ``text``, shortened: a device's own error, for a one-line message."""
     lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
     line = lines[-1] if lines else "no output"
     return line if len(line) <= limit else line[:limit - 3] + "..."
@@ -42,11 +43,22 @@ def _run(argv: list[str], timeout: float, what: str, input_text: str | None = No
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input_text,
                               stdin=None if input_text is not None else subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:  # subprocess.run kills and reaps the child first
-        raise Timeout(f"{what}: no result within {timeout:.0f} s; stopped it (raise --timeout "
-                      "for a slow board)") from None
+    except subprocess.TimeoutExpired:  # subprocess.run kills and reaps the local child first
+        raise Timeout(f"{what}: no result within {timeout:.0f} s; gave up (the command on the device "
+                      "is killed by its own deadline; raise --timeout for a slow board)") from None
     except FileNotFoundError:
         raise InputError(f"{argv[0]} is not installed here; {what} needs it") from None
+
+
+def with_deadline(argv: list[str], seconds: float) -> str:
+    """The remote shell command running ``argv`` under the device's ``timeout`` (coreutils,
+    busybox and Android's toybox have it; without it the command runs bare), so that nothing
+    keeps running on the board after the host gave up. No ``exec``: the shell then reports a
+    child killed by signal N as exit status 128 + N, where ssh itself would report 255."""
+    words = remote_words(argv)
+    limit = max(1, int(seconds))
+    return (f"if command -v timeout >/dev/null 2>&1; then timeout -s KILL {limit} {words}; "
+            f"else {words}; fi")
 
 
 def remote_words(argv: list[str]) -> str:
@@ -127,7 +139,7 @@ class SshTransport(Transport):
         return proc
 
     def _ssh_error(self, stderr: str) -> InputError:
-        line = _last_line(stderr)
+        line = last_line(stderr)
         text = stderr or ""
         if "Permission denied" in text:
             cause = (f"authentication refused ({line}); edgestar runs ssh with BatchMode=yes, so "
@@ -148,7 +160,7 @@ class SshTransport(Transport):
         folder = proc.stdout.strip()
         if proc.returncode != 0 or not SAFE_REMOTE_DIR.fullmatch(folder):
             raise InputError(f"{self.name}: cannot create a temporary folder on the board "
-                             f"({_last_line(proc.stderr or proc.stdout)})")
+                             f"({last_line(proc.stderr or proc.stdout)})")
         return folder
 
     def push(self, files):
@@ -159,17 +171,17 @@ class SshTransport(Transport):
         if proc.returncode != 0:
             if any(s in (proc.stderr or "") for s in ("Permission denied (", "Connection", "Host key")):
                 raise self._ssh_error(proc.stderr)
-            raise StageError(f"{self.name}: copying the model failed ({_last_line(proc.stderr)})")
+            raise StageError(f"{self.name}: copying the model failed ({last_line(proc.stderr)})")
 
     def run(self, argv, timeout):
-        command = f"cd {shlex.quote(self.folder)} && exec {remote_words(argv)}"
-        return self._ssh(command, timeout, "running")
+        command = f"cd {shlex.quote(self.folder)} && {with_deadline(argv, timeout)}"
+        return self._ssh(command, timeout + 10, "running")
 
     def remove_folder(self):
         try:
             proc = self._ssh(f"rm -rf -- {shlex.quote(self.folder)}", 30 + self.connect_timeout, "cleaning up")
             if proc.returncode != 0:
-                self.warnings.append(f"could not remove {self.folder} on {self.name}: {_last_line(proc.stderr)}")
+                self.warnings.append(f"could not remove {self.folder} on {self.name}: {last_line(proc.stderr)}")
         except (InputError, StageError) as exc:
             self.warnings.append(f"could not remove {self.folder} on {self.name}: {exc}")
 
@@ -185,29 +197,31 @@ class AdbTransport(Transport):
 
     def _adb(self, args: list[str], timeout: float, what: str):
         proc = _run([*self.base, *args], timeout, f"{self.name} ({what})")
-        text = (proc.stderr or "") + (proc.stdout or "")
-        if proc.returncode != 0 and any(s in text for s in (
-                "no devices", "not found", "unauthorized", "offline", "more than one device",
-                "cannot connect", "failed to connect")):
-            hint = "; pass adb:SERIAL (see adb devices)" if "more than one" in text else ""
-            raise InputError(f"{self.name}: {_last_line(text)}{hint}")
+        # adb's own failures ("error: no devices/emulators found", "adb: error: failed to ...",
+        # "error: device unauthorized") start with "error:"; the command's output never decides.
+        errors = [ln.strip() for ln in (proc.stderr or "").splitlines()
+                  if ln.strip().startswith(("error:", "adb: error:"))]
+        if proc.returncode != 0 and errors:
+            hint = "; pass adb:SERIAL (see adb devices)" if "more than one" in errors[0] else ""
+            raise InputError(f"{self.name}: {errors[0]}{hint}")
         return proc
 
     def shell(self, argv: list[str], timeout: float, what: str):
-        return self._adb(["shell", f"cd {shlex.quote(self.folder)} && {shlex.join(argv)}"], timeout, what)
+        command = f"cd {shlex.quote(self.folder)} && {with_deadline(argv, timeout)}"
+        return self._adb(["shell", command], timeout + 10, what)
 
     def make_folder(self) -> str:
         folder = f"/data/local/tmp/edgestar-{secrets.token_hex(4)}"
         proc = self._adb(["shell", shlex.join(["mkdir", "-m", "700", folder])], 60, "creating a folder")
         if proc.returncode != 0:
-            raise InputError(f"{self.name}: cannot create {folder} ({_last_line(proc.stderr or proc.stdout)})")
+            raise InputError(f"{self.name}: cannot create {folder} ({last_line(proc.stderr or proc.stdout)})")
         return folder
 
     def push(self, files):
         for f in files:
             proc = self._adb(["push", str(Path(f).absolute()), f"{self.folder}/{Path(f).name}"], 600, "pushing")
             if proc.returncode != 0:
-                raise StageError(f"{self.name}: adb push failed ({_last_line(proc.stderr or proc.stdout)})")
+                raise StageError(f"{self.name}: adb push failed ({last_line(proc.stderr or proc.stdout)})")
 
     def run(self, argv, timeout):
         return self.shell(argv, timeout, "running")

@@ -32,11 +32,9 @@ def bench_table(result: dict) -> str:
     """Latency per model, kernels and threads; the speed-up over FP32 from per-round pairs."""
     if result.get("estimate"):
         return vela_table(result)
-    groups = {r.get("group") for r in result["rows"]}
-    name = (lambda r: f"{_short(r['group'])}: {r['model']}") if len(groups) > 1 else (lambda r: r["model"])
     rows = [("model", "kernels", "threads", "mean", "median", "p90", "min", "max", "std", "vs fp32 (p10-p90)")]
     for r in result["rows"]:
-        rows.append((name(r), r["kernels"], str(r["threads"]), *(_ms(r.get(k)) for k in (
+        rows.append((r["name"], r["kernels"], str(r["threads"]), *(_ms(r.get(k)) for k in (
             "mean_ms", "median_ms", "p90_ms", "min_ms", "max_ms", "std_ms")), format_speedup(r.get("vs_fp32"))))
     s = result["settings"]
     head = [f"device: {device_line(result)}"]
@@ -47,27 +45,31 @@ def bench_table(result: dict) -> str:
         head.append(f"benchmark_model: {s['rounds']} invocation rounds x {s['runs_per_invocation']} runs, "
                     "models alternated; times in ms")
     lines = head + _table(rows)
-    lines.append("vs fp32: how many times faster than the FP32 .tflite at the same kernels and threads: "
-                 "the median of ratios timed side by side in one round; trust the ratios, not absolute "
-                 "times, on a busy machine")
-    for label, ev in (result.get("evaluation") or {}).items():
-        lines.append(evaluation_line(label, ev, result["device"]))
-    for label, ops in (result.get("op_profile") or {}).items():
+    lines += [f"WARNING: {w}" for w in result.get("warnings", [])]  # right under the numbers
+    per = {(r.get("vs_fp32") or {}).get("per") for r in result["rows"]} - {None}
+    if per:
+        unit = "invocation round (benchmark_model runs)" if per == {"invocation"} else "round"
+        lines.append("vs fp32: how many times faster than the FP32 .tflite of the same run at the same kernels "
+                     f"and threads: the median of ratios timed side by side in one {unit}; trust the ratios, "
+                     "not the absolute times, on a busy machine")
+    for ev in result.get("evaluation") or []:
+        lines.append(evaluation_line(ev))
+    for entry in result.get("op_profile") or []:
+        ops = entry["op_types"]
         if ops:
-            lines.append(f"op types by time, {label} (--enable_op_profiling):")
+            lines.append(f"op types by time, {entry['name']} (--enable_op_profiling):")
             for op in sorted(ops, key=lambda o: -o["avg_ms"])[:8]:
                 pct = f"{op['percent']:.1f}%" if op.get("percent") is not None else "-"
                 lines.append(f"  {op['op_type']:<22} {op['avg_ms']:8.3f} ms  {pct:>6}")
     lines += [f"note: {n}" for n in result.get("notes", [])]
-    lines += [f"WARNING: {w}" for w in result.get("warnings", [])]
     return "\n".join(lines)
 
 
-def evaluation_line(label: str, ev: dict, device: str) -> str:
+def evaluation_line(ev: dict) -> str:
     top1 = (f"top-1 {percent(ev['top1'])} on the device (host {percent(ev['host_top1'])})"
             if ev.get("top1") is not None else "no top-1 (labels not the model's)")
     unit = ev.get("output_unit", "")
-    return (f"on-device evaluation, {label}, {ev['images']} images: {top1}; top-1 agreement with this "
+    return (f"on-device evaluation, {ev['name']}, {ev['images']} images: {top1}; top-1 agreement with this "
             f"host's run {percent(ev['agreement_with_host'])}; bit-exact outputs on "
             f"{percent(ev['bit_exact_images'])} of images, at most {ev['max_abs_output_diff']:g} {unit} apart")
 
@@ -78,7 +80,7 @@ def vela_table(result: dict) -> str:
         cpu = str(r.get("cpu_ops", "-"))
         if r.get("cpu_op_types"):
             cpu += " (" + ", ".join(f"{k} x{v}" for k, v in r["cpu_op_types"].items()) + ")"
-        rows.append((r["model"], str(r.get("npu_ops", "-")), cpu, _kib(r.get("sram_bytes")),
+        rows.append((r["name"], str(r.get("npu_ops", "-")), cpu, _kib(r.get("sram_bytes")),
                      _kib(r.get("flash_bytes")), _ms(r.get("inference_ms_estimate"))))
     widths = [max(len(x[i]) for x in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in rows]
@@ -87,14 +89,9 @@ def vela_table(result: dict) -> str:
     head = (f"device: {result['device']} | Vela {(result.get('runtime') or {}).get('version') or ''} "
             f"{first.get('system_config', '')} {first.get('memory_mode', '')} -- ESTIMATES from Vela's "
             "performance model, not measurements; CPU ops run on the Cortex-M and are not in the time")
-    return "\n".join([head, *lines, *[f"note: {n}" for n in result.get("notes", [])]])
+    return "\n".join([head, *lines, *[f"WARNING: {w}" for w in result.get("warnings", [])],
+                      *[f"note: {n}" for n in result.get("notes", [])]])
 
 
 def _kib(v) -> str:
     return "-" if v is None else f"{v / 1024:.1f}"
-
-
-def _short(group: str) -> str:
-    from pathlib import Path
-
-    return Path(group).name
