@@ -286,12 +286,33 @@ def test_adb_runs_benchmark_model_with_quoted_commands_and_cleans_up(tmp_path, m
 def test_a_busy_device_or_scattered_times_are_said_next_to_the_numbers():
     from edgestar.deploy.bench import busy_warnings
 
-    row = {"model": "tflite int8", "kernels": "xnnpack", "threads": 1, "median_ms": 2.0, "p90_ms": 2.2}
-    assert busy_warnings({"load_before": 0.1, "cpus": 4}, [row]) == []
-    (w,) = busy_warnings({"load_before": 1.8, "cpus": 2}, [row])
-    assert "busy" in w and "1.8" in w
-    (w,) = busy_warnings({"load_before": 0.0, "cpus": 2}, [dict(row, p90_ms=5.0)])
+    row = {"name": "tflite int8", "kernels": "xnnpack", "threads": 1, "median_ms": 2.0, "p90_ms": 2.2}
+    assert busy_warnings({"others_cores": 0.05, "cpus": 4}, [row]) == []
+    (w,) = busy_warnings({"others_cores": 0.9, "cpus": 2}, [row])
+    assert "other processes used 0.90 of the device's 2 cores" in w
+    (w,) = busy_warnings({"others_cores": 0.0, "cpus": 2}, [dict(row, p90_ms=5.0)])
     assert "tflite int8 xnnpack 1t" in w and "noisy" in w
+
+
+def test_the_runner_measures_what_other_processes_use_while_timing():
+    """A process burning one core beside the runner's measurement shows up as about one core."""
+    import time
+
+    from edgestar.deploy.board_runner import OtherProcesses
+
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc/stat")
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        others = OtherProcesses()
+        t0 = time.perf_counter()
+        time.sleep(1.0)
+        used = others.cores_used(time.perf_counter() - t0)
+    finally:
+        burner.kill()
+        burner.wait()
+    assert 0.6 <= used <= 1.6
 
 
 def test_remote_commands_quote_every_word_and_expand_only_a_leading_home():

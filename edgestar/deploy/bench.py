@@ -262,19 +262,21 @@ def _runner(models, device, config, threads, kernels, settings, log, progress_fa
     return result
 
 
-BUSY_LOAD = 0.5  # a 1-minute load average this high before timing: something else was running
+BUSY_CORES = 0.25  # other processes using this much CPU (in cores) while timing: the device was busy
 NOISY_SPREAD = 1.5  # p90 / median above this: the row's times varied too much to take at face value
 
 
 def busy_warnings(system: dict | None, rows: list[dict]) -> list[str]:
     """Say so, next to the numbers, when the device was busy or a row's times scattered:
-    absolute milliseconds are then suspect, though ratios from the same rounds still hold."""
+    absolute milliseconds are then suspect, though ratios from the same rounds still hold.
+    "Busy" is measured, not guessed: the CPU time every other process used while the rounds ran
+    (the load average would count this tool's own previous run)."""
     warnings = []
-    load = (system or {}).get("load_before")
-    if load is not None and load >= BUSY_LOAD:
-        warnings.append(f"the device was busy before timing (load average {load} on {system.get('cpus')} "
-                        "cores): absolute times are inflated; compare the side-by-side ratios")
-    noisy = [f"{r['model']} {r['kernels']} {r['threads']}t" for r in rows
+    others = (system or {}).get("others_cores")
+    if others is not None and others >= BUSY_CORES:
+        warnings.append(f"other processes used {others:.2f} of the device's {system.get('cpus')} cores while "
+                        "timing: absolute times are inflated; compare the side-by-side ratios")
+    noisy = [f"{r['name']} {r['kernels']} {r['threads']}t" for r in rows
              if r.get("p90_ms") and r.get("median_ms") and r["p90_ms"] > NOISY_SPREAD * r["median_ms"]]
     if noisy:
         warnings.append(f"{len(noisy)} row(s) with p90 > {NOISY_SPREAD} x median ({', '.join(noisy[:4])}"

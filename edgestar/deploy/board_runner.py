@@ -84,6 +84,7 @@ def run_job(job_path):
     for _ in range(job["warmup"]):
         for _, engine in engines:
             engine.time_one()
+    others = OtherProcesses()
     rounds, start = 0, time.perf_counter()
     while rounds < MAX_ROUNDS:
         if rounds >= job["runs"] and time.perf_counter() - start >= job.get("min_seconds", 0):
@@ -93,6 +94,7 @@ def run_job(job_path):
             samples[i].append(engines[i][1].time_one())
         rounds += 1
     seconds = time.perf_counter() - start
+    busy_elsewhere = others.cores_used(seconds)
 
     evaluated = {}
     for item in job.get("eval", []):
@@ -106,7 +108,7 @@ def run_job(job_path):
 
     return {
         "runner_version": RUNNER_VERSION,
-        "system": dict(system_info(), load_before=load_before, load_after=_load()),
+        "system": dict(system_info(), load_before=load_before, others_cores=busy_elsewhere),
         "runtime": runtime["info"] if runtime else None,
         "rounds": rounds,
         "seconds": round(seconds, 3),
@@ -221,6 +223,34 @@ def _random_input(np, shape, dtype):
     info = np.iinfo(dtype)  # int8/uint8/int16 inputs in practice; stay within 32 bits anyway
     low, high = max(int(info.min), -2 ** 31), min(int(info.max), 2 ** 31 - 2)
     return rng.randint(low, high + 1, size=tuple(shape)).astype(dtype)
+
+
+class OtherProcesses:
+    """How much CPU everything but this process used while it was timing: the machine's busy
+    time (``/proc/stat``: user, system, interrupts, and time stolen by the hypervisor) minus
+    this process's own CPU time, in cores. Linux only; None elsewhere."""
+
+    def __init__(self):
+        self.start = self._read()
+
+    @staticmethod
+    def _read():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+        t = os.times()
+        return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system
+
+    def cores_used(self, seconds):
+        end = self._read()
+        if self.start is None or end is None or seconds <= 0:
+            return None
+        machine = end[0] - self.start[0]
+        mine = end[1] - self.start[1]
+        return round(max(0.0, machine - mine) / seconds, 3)
 
 
 def _load():
