@@ -64,7 +64,7 @@ def main() -> None:
     finally:
         if server is not None:
             server.stop()
-            shutil.rmtree(server.folder.parent, ignore_errors=True)  # throwaway keys included
+            shutil.rmtree(server.folder, ignore_errors=True)  # the mkdtemp folder: throwaway keys included
 
     print(f"{args.repeat} repeats x {args.runs} interleaved rounds, {', '.join(map(str, threads))} thread(s); "
           "median ms of each repeat")
