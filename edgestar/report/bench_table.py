@@ -68,10 +68,10 @@ def bench_table(result: dict) -> str:
 def evaluation_line(ev: dict) -> str:
     top1 = (f"top-1 {percent(ev['top1'])} on the device (host {percent(ev['host_top1'])})"
             if ev.get("top1") is not None else "no top-1 (labels not the model's)")
-    unit = ev.get("output_unit", "")
+    unit = " LSB" if ev.get("output_unit") == "LSB" else ""
     return (f"on-device evaluation, {ev['name']}, {ev['images']} images: {top1}; top-1 agreement with this "
             f"host's run {percent(ev['agreement_with_host'])}; bit-exact outputs on "
-            f"{percent(ev['bit_exact_images'])} of images, at most {ev['max_abs_output_diff']:g} {unit} apart")
+            f"{percent(ev['bit_exact_images'])} of images, at most {ev['max_abs_output_diff']:g}{unit} apart")
 
 
 def vela_table(result: dict) -> str:
