@@ -364,5 +364,45 @@ def profiles(as_json):
                 click.echo(f"{p.name}: {p.notes}")
 
 
+@cli.command()
+@click.argument("path", metavar="RUN_DIR|MODEL.tflite")
+@click.option("--board", required=True, metavar="NAME",
+              help="Target board (firmware_assets/boards.toml: nano33ble, pico, pico2, esp32s3, esp32s3-psram, "
+                   "stm32f746-disco, stm32h743, corstone-300, nrf5340).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder for the sources [default: firmware-<board> beside the model].")
+@click.option("--family", type=click.Choice(["arm-cortex-m", "esp32"]), default=None,
+              help="Example application to generate [default: the board's].")
+@click.option("--test-image-from", "test_images", default="demo", show_default=True, metavar="DIR|demo",
+              help="Labelled images to take the compiled-in test image from.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
+@quiet_option
+def firmware(path, board, out, family, test_images, as_json, quiet):
+    """TensorFlow Lite Micro sources for a run's INT8 model, its measured arena, and whether it fits."""
+    from edgestar.deploy.firmware import FirmwareConfig
+    from edgestar.deploy.firmware import firmware as run_firmware
+
+    log = (lambda *_: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    config = FirmwareConfig(board=board, out=Path(out) if out else None, family=family, test_images=test_images)
+    result = run_firmware(path, config, log=log)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    arena = result["arena"]
+    click.echo(f"{result['name']}: {result['model_bytes']:,} B of model, arena {arena['total']:,} B measured "
+               f"({arena['head']:,} activations + {arena['tail']:,} persistent), {arena['reserve']:,} B reserved "
+               f"(+{arena['margin']})")
+    click.echo(f"ops: {', '.join(f'{k} x{v}' for k, v in sorted(result['ops'].items()))}")
+    if result["reverse_v2"]:
+        click.echo("note: the graph uses REVERSE_V2 (edgestar's PAD-free rotation); TFLite Micro has it since "
+                   "July 2025 (reference kernel only): older TFLM bundles fail with 'Failed to get "
+                   "registration from op code REVERSE_V2'")
+    t = result["test_image"]
+    click.echo(f"test image {t['source']}: host LiteRT top-1 {t['host_top1']}"
+               + (f", label {t['label']}" if t["label"] >= 0 else ""))
+    click.echo(result["verdict_text"])
+    click.echo(f"wrote {len(result['files'])} files to {result['out']}: {', '.join(result['files'])}")
+
+
 if __name__ == "__main__":
     cli()

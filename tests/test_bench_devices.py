@@ -3,8 +3,8 @@ reached through a real OpenSSH server on 127.0.0.1 (this machine plays the board
 on-device evaluation, and each way a board can fail: wrong port, refused key, no runtime,
 a hung runner, hostile model paths."""
 import importlib.util
-import os
 import json
+import os
 import shutil
 import subprocess
 import sys

@@ -194,6 +194,12 @@ _RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1}
 
 def preprocess_image(img, pre: Preprocessing) -> np.ndarray:
     """PIL RGB image -> float32 CHW array, normalized."""
+    return normalize(np.asarray(resize_and_crop(img, pre), dtype=np.uint8)[None], pre)[0]
+
+
+def resize_and_crop(img, pre: Preprocessing):
+    """The geometric part of the preprocessing (what a board's app does before the lookup
+    table of ``edgestar firmware``): resize the shorter side, center crop; a PIL image."""
     from PIL import Image
 
     resample = _RESAMPLE.get(pre.interpolation, Image.BICUBIC)
@@ -209,7 +215,7 @@ def preprocess_image(img, pre: Preprocessing) -> np.ndarray:
             img = img.resize((nw, nh), resample)
         left, top = (nw - size) // 2, (nh - size) // 2
         img = img.crop((left, top, left + size, top + size))
-    return normalize(np.asarray(img, dtype=np.uint8)[None], pre)[0]
+    return img
 
 
 def normalize(images_nhwc_uint8: np.ndarray, pre: Preprocessing) -> np.ndarray:

@@ -1,0 +1,139 @@
+"""``edgestar firmware``: C identifiers, the model as a C array (bytes round-trip), the op
+resolver, the pixel lookup table against the host's preprocessing, and, end to end on a real
+``--target micro`` run, the generated sources compiled by the host's g++ against the TFLite
+Micro tree in ``../shared`` (skipped where that tree is absent)."""
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edgestar.deploy.firmware import (RESOLVER_METHODS, _bytes_as_c, arena_to_reserve, c_identifier,
+                                      parse_c_array)
+
+TFLM_TREE = Path(__file__).resolve().parents[2] / "shared" / "third_party" / "tflm"
+C_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@pytest.mark.parametrize("stem, ident", [
+    ("starnet_s1_32_int8", "starnet_s1_32_int8"), ("StarNet-S1 (96px).int8", "starnet_s1__96px__int8"),
+    ("32px", "m_32px"), ("---", "model"), ("é", "model")])
+def test_c_identifiers(stem, ident):
+    assert c_identifier(stem) == ident
+
+
+@given(st.text(max_size=30))
+def test_any_file_name_gives_a_valid_identifier(stem):
+    assert C_IDENT.fullmatch(c_identifier(stem))
+
+
+@given(st.binary(max_size=300))
+def test_model_bytes_round_trip_through_the_c_array(data):
+    assert parse_c_array("const unsigned char x[] = {\n" + _bytes_as_c(data) + "\n};") == data
+
+
+def test_arena_reserve_adds_the_stated_margin_aligned():
+    assert arena_to_reserve(180960) == (180960 + 1024 + 3619 + 15) // 16 * 16
+    assert all(arena_to_reserve(n) % 16 == 0 and arena_to_reserve(n) >= n + 1024 for n in (1, 999, 123457))
+
+
+@pytest.mark.skipif(not TFLM_TREE.is_dir(), reason=f"no TFLite Micro tree at {TFLM_TREE}")
+def test_every_resolver_method_exists_in_tflite_micro():
+    header = (TFLM_TREE / "tensorflow/lite/micro/micro_mutable_op_resolver.h").read_text()
+    methods = set(re.findall(r"TfLiteStatus (Add\w+)\(", header))
+    assert set(RESOLVER_METHODS.values()) <= methods
+
+
+def test_the_pixel_table_is_the_host_preprocessing_and_quantization():
+    """For every 8-bit value of every channel the table gives what the host computes from the
+    same pixel: normalize (float32) then the model's input quantization."""
+    from edgestar.data.images import Preprocessing, normalize
+    from edgestar.deploy.firmware import ModelFacts, input_lookup_table
+    from edgestar.evaluate.runners import quantize
+
+    pre = Preprocessing(32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), crop_pct=1.0)
+    facts = ModelFacts("m", b"", {}, [1, 32, 32, 3], "int8", 0.0186592, -14, [1, 10], "int8", 0.1, 0,
+                       None, pre.to_dict())
+    lut = input_lookup_table(facts)
+    pixels = np.stack([np.arange(256, dtype=np.uint8)] * 3, axis=-1).reshape(1, 16, 16, 3)
+    host = quantize(normalize(pixels, pre).transpose(0, 2, 3, 1),
+                    {"dtype": np.int8, "quantization": (0.0186592, -14)})
+    for c in range(3):
+        assert np.array_equal(lut[c], host[0, :, :, c].reshape(-1))
+    assert lut.dtype == np.int8 and lut.min() >= -128
+
+
+# --------------------------------------------------------------------------- end to end
+
+needs_tools = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("onnx2tf", "tensorflow", "ai_edge_litert", "tflite_micro")),
+    reason="needs the conversion tools and tflite-micro (x86-64 only)")
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("firmware")
+    res = subprocess.run([sys.executable, "-m", "edgestar.cli", "quantize", "--variant", "s050", "--weights",
+                          "none", "--profile", "cortex-m55", "--calib-samples", "16", "--eval-samples", "16",
+                          "--out", str(work / "run"), "-q"], capture_output=True, text=True, timeout=900, cwd=work)
+    assert res.returncode == 0, res.stderr
+    return work / "run"
+
+
+def edgestar(*args):
+    return subprocess.run([sys.executable, "-m", "edgestar.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.e2e
+@needs_tools
+def test_firmware_sources_from_a_micro_run(micro_run, tmp_path):
+    from edgestar.convert.tflite_file import op_counts
+
+    out = tmp_path / "fw dir"  # a space: paths must survive
+    res = edgestar("firmware", micro_run, "--board", "corstone-300", "--out", out, "--json")
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    model = Path(result["model"])
+    name = result["name"]
+    assert name == "starnet_s050_32_int8" and model.name == "starnet_s050_32_int8.tflite"
+
+    # the array holds the .tflite byte for byte
+    assert parse_c_array((out / f"{name}_model_data.cc").read_text()) == model.read_bytes()
+    assert f"g_{name}_model_data_size = {model.stat().st_size};" in (out / f"{name}_model_data.h").read_text()
+    # the resolver registers exactly the model's ops, and its size is their number
+    resolver = (out / f"{name}_op_resolver.h").read_text()
+    ops = op_counts(model)
+    assert sorted(re.findall(r"resolver\.(Add\w+)\(\)", resolver)) == sorted(RESOLVER_METHODS[o] for o in ops)
+    assert f"OpCount = {len(ops)};" in resolver
+    # the arena: measured, reserved with the margin, in the header
+    arena = result["arena"]
+    assert 0 < arena["head"] < arena["total"] and arena["reserve"] == arena_to_reserve(arena["total"])
+    assert f"ArenaSize = {arena['reserve']};" in (out / f"{name}_model_info.h").read_text()
+    assert result["verdict"]["fits"] in (True, False) and "corstone-300" in result["verdict_text"]
+    assert 0 <= result["test_image"]["host_top1"] < 10
+
+    if not TFLM_TREE.is_dir() or shutil.which("g++") is None:
+        pytest.skip("no TFLite Micro tree or g++: the compile check is skipped")
+    includes = [f"-I{out}", f"-I{TFLM_TREE}", f"-I{TFLM_TREE}/third_party/flatbuffers/include",
+                f"-I{TFLM_TREE}/third_party/gemmlowp", f"-I{TFLM_TREE}/third_party/ruy"]
+    for source in ("main.cc", f"{name}_model_data.cc"):
+        cc = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", "-Wall", "-DTF_LITE_STATIC_MEMORY", *includes,
+                             str(out / source)], capture_output=True, text=True, timeout=300)
+        assert cc.returncode == 0, cc.stderr[-2000:]
+
+
+@pytest.mark.e2e
+@needs_tools
+def test_firmware_refuses_a_float_model_and_an_unknown_board(micro_run):
+    res = edgestar("firmware", micro_run / "starnet_s050_32_fp32.tflite", "--board", "pico")
+    assert res.returncode == 2 and "is not an INT8 model" in res.stderr
+    res = edgestar("firmware", micro_run, "--board", "arduino-uno")
+    assert res.returncode == 2 and "unknown board" in res.stderr and "nano33ble" in res.stderr
