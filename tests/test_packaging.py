@@ -71,7 +71,7 @@ def test_setup_cfg_lists_every_edgestar_package():
     listed = set(cfg["options"]["packages"].split())
     in_tree = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "edgestar").rglob("__init__.py")}
     assert in_tree - listed == set(), "add these packages to setup.cfg [options] packages"
-    assert "edgestar._demo_data" in listed
+    assert {"edgestar._demo_data", "edgestar._firmware_assets"} <= listed
 
 
 @pytest.mark.parametrize("split", ["calib", "eval"])
@@ -98,7 +98,9 @@ def test_wheel_ships_code_weights_demo_images_and_provenance(wheel):
     assert {f"{DEMO_IN_WHEEL}README.md", f"{DEMO_IN_WHEEL}cifar10_demo/FILES.txt"} <= names
     readme = zipfile.ZipFile(wheel).read(f"{DEMO_IN_WHEEL}README.md").decode()
     assert "**Provenance.**" in readme and "**License.**" in readme
-    assert not any(n.startswith(("calib/", "tests/")) for n in names), "stray top-level folders"
+    assert "edgestar/_firmware_assets/boards.toml" in names, "the board table is missing"
+    stray = ("calib/", "firmware_assets/", "tests/")
+    assert not any(n.startswith(stray) for n in names), "stray top-level folders"
 
 
 # --------------------------------------------------------------------------- installed wheel
@@ -137,6 +139,17 @@ def test_installed_wheel_finds_its_own_demo_set(venv, tmp_path):
         assert from_venv(venv, folder), f"demo {split} split read from {folder}"
         counts = {d.name: len(list(d.glob("*.jpg"))) for d in Path(folder).iterdir()}
         assert len(counts) == CLASSES and set(counts.values()) == {PER_CLASS[split]}
+
+
+def test_installed_wheel_finds_its_board_table(venv, tmp_path):
+    probe = ("import json, edgestar.deploy.boards as b\n"
+             "print(json.dumps({'table': str(b._default_table()), 'boards': sorted(b.load_boards())}))")
+    res = subprocess.run([venv / "bin" / "python", "-c", probe], env=clean_env(), cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    found = json.loads(res.stdout)
+    assert from_venv(venv, found["table"]), f"board table read from {found['table']}"
+    assert {"nano33ble", "pico", "corstone-300"} <= set(found["boards"])
 
 
 @pytest.mark.e2e
