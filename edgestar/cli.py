@@ -398,8 +398,8 @@ def firmware(path, board, out, family, test_images, as_json, quiet):
                    "July 2025 (reference kernel only): older TFLM bundles fail with 'Failed to get "
                    "registration from op code REVERSE_V2'")
     t = result["test_image"]
-    click.echo(f"test image {t['source']}: host LiteRT top-1 {t['host_top1']}"
-               + (f", label {t['label']}" if t["label"] >= 0 else ""))
+    click.echo(f"compiled-in test image {t['source']}: host LiteRT top-1 {t['host_top1']} ({t['host_top1_name']})"
+               + (f", label {t['label']} ({t['label_name']})" if t["label"] >= 0 else ""))
     click.echo(result["verdict_text"])
     click.echo(f"wrote {len(result['files'])} files to {result['out']}: {', '.join(result['files'])}")
 

@@ -81,7 +81,8 @@ needs_tools = pytest.mark.skipif(
 def micro_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("firmware")
     res = subprocess.run([sys.executable, "-m", "edgestar.cli", "quantize", "--variant", "s050", "--weights",
-                          "none", "--profile", "cortex-m55", "--calib-samples", "16", "--eval-samples", "16",
+                          "none", "--img-size", "32", "--profile", "cortex-m55", "--calib-samples", "16",
+                          "--eval-samples", "16",
                           "--out", str(work / "run"), "-q"], capture_output=True, text=True, timeout=900, cwd=work)
     assert res.returncode == 0, res.stderr
     return work / "run"
@@ -118,7 +119,8 @@ def test_firmware_sources_from_a_micro_run(micro_run, tmp_path):
     assert 0 < arena["head"] < arena["total"] and arena["reserve"] == arena_to_reserve(arena["total"])
     assert f"ArenaSize = {arena['reserve']};" in (out / f"{name}_model_info.h").read_text()
     assert result["verdict"]["fits"] in (True, False) and "corstone-300" in result["verdict_text"]
-    assert 0 <= result["test_image"]["host_top1"] < 10
+    classes = int(re.search(r"NumClasses = (\d+);", (out / f"{name}_model_info.h").read_text()).group(1))
+    assert classes == 1000 and 0 <= result["test_image"]["host_top1"] < classes  # --weights none: ImageNet head
 
     if not TFLM_TREE.is_dir() or shutil.which("g++") is None:
         pytest.skip("no TFLite Micro tree or g++: the compile check is skipped")

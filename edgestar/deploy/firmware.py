@@ -274,7 +274,9 @@ def test_image(facts: ModelFacts, model: Path, source: str = "demo", *, seed: in
     top1 = int(host.interpreter.get_tensor(host.out["index"]).argmax())
     names = facts.class_names
     labelled = bool(names) and list(names) == list(folder.classes)
+    name = (lambda i: names[i] if names and 0 <= i < len(names) else None)  # noqa: E731
     return {"pixels": pixels.tobytes(), "label": int(label) if labelled else -1, "host_top1": top1,
+            "label_name": name(int(label)) if labelled else None, "host_top1_name": name(top1),
             "source": f"{Path(path).parent.name}/{Path(path).name}"}
 
 
