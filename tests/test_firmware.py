@@ -4,6 +4,7 @@ resolver, the pixel lookup table against the host's preprocessing, and, end to e
 Micro tree in ``../shared`` (skipped where that tree is absent)."""
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -18,7 +19,9 @@ from hypothesis import strategies as st
 from edgestar.deploy.firmware import (RESOLVER_METHODS, _bytes_as_c, arena_to_reserve, c_identifier,
                                       parse_c_array)
 
-TFLM_TREE = Path(__file__).resolve().parents[2] / "shared" / "third_party" / "tflm"
+# The standalone TFLite Micro tree beside the checkout (../shared), or where EDGESTAR_TFLM_ROOT says.
+TFLM_TREE = Path(os.environ.get("EDGESTAR_TFLM_ROOT")
+                 or Path(__file__).resolve().parents[2] / "shared" / "third_party" / "tflm")
 C_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
