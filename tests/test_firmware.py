@@ -127,12 +127,42 @@ def test_firmware_sources_from_a_micro_run(micro_run, tmp_path):
 
     if not TFLM_TREE.is_dir() or shutil.which("g++") is None:
         pytest.skip("no TFLite Micro tree or g++: the compile check is skipped")
-    includes = [f"-I{out}", f"-I{TFLM_TREE}", f"-I{TFLM_TREE}/third_party/flatbuffers/include",
-                f"-I{TFLM_TREE}/third_party/gemmlowp", f"-I{TFLM_TREE}/third_party/ruy"]
     for source in ("main.cc", f"{name}_model_data.cc"):
-        cc = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", "-Wall", "-DTF_LITE_STATIC_MEMORY", *includes,
-                             str(out / source)], capture_output=True, text=True, timeout=300)
+        cc = subprocess.run(["g++", *compile_flags(out), "-fsyntax-only", str(out / source)],
+                            capture_output=True, text=True, timeout=300)
         assert cc.returncode == 0, cc.stderr[-2000:]
+
+
+def compile_flags(out: Path) -> list[str]:
+    return ["-std=c++17", "-Wall", "-DTF_LITE_STATIC_MEMORY", f"-I{out}", f"-I{TFLM_TREE}",
+            f"-I{TFLM_TREE}/third_party/flatbuffers/include", f"-I{TFLM_TREE}/third_party/gemmlowp",
+            f"-I{TFLM_TREE}/third_party/ruy"]
+
+
+@pytest.mark.e2e
+@needs_tools
+@pytest.mark.parametrize("cpu", ["cortex-m4", "cortex-m55"])
+def test_firmware_sources_cross_compile_for_cortex_m(micro_run, tmp_path, cpu):
+    """arm-none-eabi-g++ (Debian gcc-arm-none-eabi, which .ci/run installs when it can) takes the
+    example app, and the model data lands in flash (.rodata), none of it in RAM (.data)."""
+    if shutil.which("arm-none-eabi-g++") is None or shutil.which("arm-none-eabi-size") is None:
+        pytest.skip("arm-none-eabi-g++ not installed (Debian: gcc-arm-none-eabi libstdc++-arm-none-eabi-newlib)")
+    if not TFLM_TREE.is_dir():
+        pytest.skip(f"no TFLite Micro tree at {TFLM_TREE}")
+    out = tmp_path / "fw"
+    res = edgestar("firmware", micro_run, "--board", "corstone-300", "--out", out, "--json", "-q")
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    arm = ["arm-none-eabi-g++", f"-mcpu={cpu}", "-mthumb", "-fno-exceptions", "-fno-rtti", *compile_flags(out)]
+    cc = subprocess.run([*arm, "-fsyntax-only", str(out / "main.cc")], capture_output=True, text=True, timeout=300)
+    assert cc.returncode == 0, cc.stderr[-2000:]
+    obj = tmp_path / "model_data.o"
+    cc = subprocess.run([*arm, "-Os", "-c", str(out / f"{result['name']}_model_data.cc"), "-o", str(obj)],
+                        capture_output=True, text=True, timeout=300)
+    assert cc.returncode == 0, cc.stderr[-2000:]
+    sizes = dict(re.findall(r"^(\.\w+)\s+(\d+)", subprocess.run(["arm-none-eabi-size", "-A", str(obj)],
+                                                                capture_output=True, text=True).stdout, re.M))
+    assert int(sizes[".rodata"]) == result["model_bytes"] and int(sizes.get(".data", 0)) == 0
 
 
 @pytest.mark.e2e
