@@ -286,7 +286,6 @@ class FirmwareConfig:
     out: Path | None = None  # [default: <run>/firmware-<board>, or beside the model]
     family: str | None = None  # example app: arm-cortex-m or esp32 [default: the board's]
     test_images: str = "demo"  # where the compiled-in test image comes from
-    measure: bool = True  # run TFLite Micro to measure the arena
 
 
 def firmware(path, config: FirmwareConfig, *, log=None) -> dict:
