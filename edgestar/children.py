@@ -41,3 +41,25 @@ def die_with_parent() -> None:
         return
     if parent is not None and os.getppid() != int(parent):  # died before the prctl
         os._exit(1)
+
+
+def last_line(*texts: str | None, limit: int = 300) -> str:
+    """The last non-blank line of the first text that has one (a child's own error message is
+    usually the last thing it prints), shortened to ``limit`` characters: for one-line errors."""
+    for text in texts:
+        lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+        if lines:
+            line = lines[-1]
+            return line if len(line) <= limit else line[:limit - 3] + "..."
+    return "no error output"
+
+
+def exit_status(returncode: int) -> str:
+    """``exit 1`` or, for a child ended by a signal (a negative return code), its name."""
+    if returncode >= 0:
+        return f"exit {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"killed by {name}"

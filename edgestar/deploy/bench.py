@@ -293,8 +293,8 @@ def _runner_timeout(models, configs, config, prepared) -> float:
 
 
 def _runner_output(proc, device: Device, python: str, timeout: float) -> dict:
+    from edgestar.children import last_line
     from edgestar.deploy.board_runner import NO_RUNTIME
-    from edgestar.deploy.transports import last_line
 
     lines = [ln for ln in (proc.stdout or "").splitlines() if ln.startswith("{")]
     try:
@@ -449,7 +449,7 @@ def _benchmark_argv(name: str, threads: int, kernels: str, runs: int, config: Be
 def _checked(proc, device: Device, timeout: float) -> str:
     """benchmark_model's output, or a one-line error. stdout and stderr are joined without a
     separator: a last line cut off in stdout must stay visibly cut for the parser."""
-    from edgestar.deploy.transports import last_line
+    from edgestar.children import last_line
 
     text = (proc.stdout or "") + (proc.stderr or "")
     if proc.returncode in (126, 127) or "Exec format error" in text:

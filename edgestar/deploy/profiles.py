@@ -76,7 +76,6 @@ def profiles_table() -> str:
     for p in PROFILES.values():
         device = {None: "- (microcontroller)", "vela": f"vela:{p.vela}"}.get(p.device, p.device)
         rows.append((p.name, p.target, p.io_type, device, ",".join(map(str, p.threads)), p.runtime))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    from edgestar.report.text import text_table
+
+    return "\n".join(text_table(rows, left=len(rows[0])))

@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from edgestar.children import last_line
 from edgestar.deploy.devices import Device
 from edgestar.errors import InputError, StageError
 
@@ -30,13 +31,6 @@ SAFE_REMOTE_DIR = re.compile(r"/[A-Za-z0-9._/-]+")
 
 class Timeout(StageError):
     pass
-
-
-def last_line(text: str, limit: int = 300) -> str:
-    """The last non-blank line of ``text``, shortened: a device's own error, for a one-line message."""
-    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
-    line = lines[-1] if lines else "no output"
-    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def _run(argv: list[str], timeout: float, what: str, input_text: str | None = None):

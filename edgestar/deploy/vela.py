@@ -29,6 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from edgestar.children import exit_status
 from edgestar.errors import InputError, StageError
 
 VELA_PACKAGE = "ethos-u-vela"  # on PyPI; pinned by setup.cfg's [npu] extra
@@ -257,7 +258,7 @@ def _run_vela(model: Path, out: Path, accelerator: str, system_config: str, memo
             raise InputError(f"Vela rejected system config {system_config} with memory mode "
                              f"{memory_mode} for {accelerator}: {line}")
         raise StageError(f"Vela failed on {model} for {accelerator} "
-                         f"({_exit_status(proc.returncode)}): {line}")
+                         f"({exit_status(proc.returncode)}): {line}")
 
 
 def _error_line(*texts: str | None, limit: int = 300) -> str:
@@ -268,17 +269,6 @@ def _error_line(*texts: str | None, limit: int = 300) -> str:
     candidates = errors or next((group for group in lines if group), ["no error output"])
     line = candidates[-1]
     return line if len(line) <= limit else line[:limit - 3] + "..."
-
-
-def _exit_status(returncode: int) -> str:
-    if returncode >= 0:
-        return f"exit {returncode}"
-    import signal
-
-    try:
-        return f"killed by {signal.Signals(-returncode).name}"
-    except ValueError:
-        return f"killed by signal {-returncode}"
 
 
 # ---------------------------------------------------------------------------- Vela's outputs

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgestar.children import exit_status as _exit_status
+from edgestar.children import last_line as _last_line
 from edgestar.errors import StageError
 
 LITERT_BANNER = "INFO: Created TensorFlow Lite XNNPACK delegate"
@@ -266,31 +268,6 @@ def _micro_command(path: Path, inputs: str, outputs: str, arena_size: int) -> li
 
 def _seconds(t: float) -> str:
     return f"{t:.0f}" if t >= 10 else f"{t:.1f}"
-
-
-def _exit_status(returncode: int) -> str:
-    """``exit 1`` or, for a child ended by a signal (a negative return code), its name:
-    TFLM kernels abort() on some unsupported cases (SIGABRT)."""
-    if returncode >= 0:
-        return f"exit {returncode}"
-    import signal
-
-    try:
-        name = signal.Signals(-returncode).name
-    except ValueError:
-        name = f"signal {-returncode}"
-    return f"killed by {name}"
-
-
-def _last_line(*texts: str | None, limit: int = 300) -> str:
-    """The last non-blank line of the first text that has one (TFLM's own error message is
-    usually the last thing it prints), shortened to ``limit`` characters."""
-    for text in texts:
-        lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-        if lines:
-            line = lines[-1]
-            return line if len(line) <= limit else line[:limit - 3] + "..."
-    return "no error output"
 
 
 def _micro_main(model: str, inputs: str, outputs: str, arena_size: str) -> None:

@@ -3,18 +3,11 @@ from __future__ import annotations
 
 from edgestar.deploy.stats import format_speedup
 from edgestar.report.summary import percent
+from edgestar.report.text import text_table
 
 
 def _ms(v) -> str:
     return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.2f}" if v < 100 else f"{v:.1f}")
-
-
-def _table(rows: list[tuple]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-             for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return lines
 
 
 def device_line(result: dict) -> str:
@@ -44,7 +37,7 @@ def bench_table(result: dict) -> str:
     elif "runs_per_invocation" in s:
         head.append(f"benchmark_model: {s['rounds']} invocation rounds x {s['runs_per_invocation']} runs, "
                     "models alternated; times in ms")
-    lines = head + _table(rows)
+    lines = head + text_table(rows, left=3)
     lines += [f"WARNING: {w}" for w in result.get("warnings", [])]  # right under the numbers
     per = {(r.get("vs_fp32") or {}).get("per") for r in result["rows"]} - {None}
     if per:
@@ -82,9 +75,7 @@ def vela_table(result: dict) -> str:
             cpu += " (" + ", ".join(f"{k} x{v}" for k, v in r["cpu_op_types"].items()) + ")"
         rows.append((r["name"], str(r.get("npu_ops", "-")), cpu, _kib(r.get("sram_bytes")),
                      _kib(r.get("flash_bytes")), _ms(r.get("inference_ms_estimate"))))
-    widths = [max(len(x[i]) for x in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in rows]
-    lines.insert(1, "-" * len(lines[0]))
+    lines = text_table(rows, left=len(rows[0]))
     first = result["rows"][0]
     head = (f"device: {result['device']} | Vela {(result.get('runtime') or {}).get('version') or ''} "
             f"{first.get('system_config', '')} {first.get('memory_mode', '')} -- ESTIMATES from Vela's "

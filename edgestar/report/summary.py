@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from edgestar.quant.diagnose import format_rows
+from edgestar.report.text import text_table
 
 ROW_NAMES = {"onnx": "onnx fp32", "tflite_mixed": "tflite int8+float"}  # the fallback's mixed model
 
@@ -24,10 +25,7 @@ def summary_table(manifest: dict, out=None) -> str:
                      percent(agree) if agree is not None else "-"))
         if key == "tflite_int8" and "tflm_int8" in metrics:  # the same file on TFLite Micro
             rows.append(_micro_row(metrics["tflm_int8"], art["bytes"]))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
+    lines = text_table(rows)
     parity = metrics.get("fp32_parity_max_abs")
     images = metrics.get("eval_images")
     caveats = (["the CIFAR-10 demo set, not your data"] if metrics.get("eval_demo_images_for_another_model")
