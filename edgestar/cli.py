@@ -375,15 +375,33 @@ def profiles(as_json):
               help="Example application to generate [default: the board's].")
 @click.option("--test-image-from", "test_images", default="demo", show_default=True, metavar="DIR|demo",
               help="Labelled images to take the compiled-in test image from.")
+@click.option("--rotation", type=click.Choice(["graph", "app"]), default="graph", show_default=True,
+              help="graph: keep the model's input REVERSE_V2 (TFLite Micro since mid-2025); app: remove it, "
+                   "the application feeds the pixels rotated by 180 degrees (any TFLM version).")
+@click.option("--build", is_flag=True,
+              help="Compile the sources for the board's core with arm-none-eabi-gcc and report flash and RAM "
+                   "from the linked ELF.")
+@click.option("--tflm-root", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Standalone TFLite Micro tree to build against [default: $EDGESTAR_TFLM_ROOT].")
+@click.option("--kernels", type=click.Choice(["cmsis_nn", "reference"]), default="cmsis_nn", show_default=True,
+              help="TFLite Micro kernels for --build.")
+@click.option("--run", "run_on", type=click.Choice(["qemu"]), default=None,
+              help="Build, then run on QEMU's emulated board for the core (Cortex-M55: mps3-an547, M4: "
+                   "mps2-an386, M7: mps2-an500) and check the outputs against the host.")
+@click.option("--eval-samples", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Images --run feeds the firmware (from --test-image-from).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
 @quiet_option
-def firmware(path, board, out, family, test_images, as_json, quiet):
+def firmware(path, board, out, family, test_images, rotation, build, tflm_root, kernels, run_on, eval_samples,
+             as_json, quiet):
     """TensorFlow Lite Micro sources for a run's INT8 model, its measured arena, and whether it fits."""
     from edgestar.deploy.firmware import FirmwareConfig
     from edgestar.deploy.firmware import firmware as run_firmware
 
     log = (lambda *_: None) if quiet else (lambda msg: click.echo(msg, err=True))
-    config = FirmwareConfig(board=board, out=Path(out) if out else None, family=family, test_images=test_images)
+    config = FirmwareConfig(board=board, out=Path(out) if out else None, family=family, test_images=test_images,
+                            rotation=rotation, build=build, tflm_root=Path(tflm_root) if tflm_root else None,
+                            kernels=kernels, run=run_on, eval_samples=eval_samples)
     result = run_firmware(path, config, log=log)
     if as_json:
         click.echo(json.dumps(result))
@@ -396,12 +414,39 @@ def firmware(path, board, out, family, test_images, as_json, quiet):
     if result["reverse_v2"]:
         click.echo("note: the graph uses REVERSE_V2 (edgestar's PAD-free rotation); TFLite Micro has it since "
                    "July 2025 (reference kernel only): older TFLM bundles fail with 'Failed to get "
-                   "registration from op code REVERSE_V2'")
+                   "registration from op code REVERSE_V2'; --rotation app moves it into the application")
+    elif result["rotation"] == "app":
+        click.echo("rotation: the application feeds the pixels rotated by 180 degrees (see model_info.h)")
     t = result["test_image"]
     click.echo(f"compiled-in test image {t['source']}: host LiteRT top-1 {t['host_top1']} ({t['host_top1_name']})"
                + (f", label {t['label']} ({t['label_name']})" if t["label"] >= 0 else ""))
+    if arena["reserve_from"] == "firmware":
+        click.echo(f"arena used inside the firmware: {arena['firmware_used']:,} B; reserved {arena['reserve']:,} B "
+                   f"(+{arena['margin']}) in model_info.h")
+    elif result["build"] is None:
+        click.echo("note: the arena reserve rests on the host's measurement; CMSIS-NN kernels can need more "
+                   "(scratch buffers): --run qemu measures it inside the firmware")
+    if result["build"]:
+        b = result["build"]
+        click.echo(f"built {b['elf']} ({b['cpu']}, {b['kernels']} kernels): flash {b['flash_bytes']:,} B "
+                   f"(model {result['model_bytes']:,} + code {b['code_bytes']:,}), RAM {b['ram_bytes']:,} B "
+                   f"(arena, data, {b['heap_bytes'] // 1024} KiB heap, {b['stack_bytes'] // 1024} KiB stack); "
+                   f"{b['note']}")
     click.echo(result["verdict_text"])
     click.echo(f"wrote {len(result['files'])} files to {result['out']}: {', '.join(result['files'])}")
+    q = result["qemu"]
+    if q:
+        same = ("bit-exact on all" if q["bit_exact"] else
+                f"NOT bit-exact: {q['bit_exact_images']} of {q['images']} equal, up to {q['max_abs_diff_lsb']} LSB apart on")
+        click.echo(f"QEMU {q['machine']}: outputs {same} {q['images']} images vs the host ({q['reference']}); "
+                   f"top-1 agreement {q['top1_agreement']:.0%}"
+                   + (f", top-1 {q['top1_firmware']:.0%} (host {q['top1_host']:.0%})" if q["top1_firmware"] is not None
+                      else ""))
+        click.echo(f"QEMU {q['machine']}: {q['instructions_median']:,} instructions per inference (median; QEMU "
+                   f"counts instructions, not cycles: not a latency); arena used "
+                   f"{q['arena_used_bytes']:,} B of the {arena['reserve']:,} B reserved")
+        if not q["bit_exact"]:
+            click.echo("WARNING: the firmware does not compute what the host's reference kernels compute")
 
 
 if __name__ == "__main__":

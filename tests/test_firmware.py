@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -172,3 +173,119 @@ def test_firmware_refuses_a_float_model_and_an_unknown_board(micro_run):
     assert res.returncode == 2 and "is not an INT8 model" in res.stderr
     res = edgestar("firmware", micro_run, "--board", "arduino-uno")
     assert res.returncode == 2 and "unknown board" in res.stderr and "nano33ble" in res.stderr
+
+
+# --------------------------------------------------------------------------- --rotation app
+
+@pytest.mark.e2e
+@needs_tools
+def test_moving_the_rotation_into_the_app_computes_the_same(micro_run, tmp_path):
+    """Without its REVERSE_V2 the model, fed the 180-degree rotated input, gives exactly the
+    original's outputs in TFLite Micro's interpreter; nothing else in the graph changed."""
+    from edgestar.convert.tflite_file import op_counts, read_metadata, tensor_names
+    from edgestar.deploy.firmware import model_facts, rotation, without_input_rotation
+    from edgestar.evaluate.runners import micro_available, run_micro
+
+    model = micro_run / "starnet_s050_32_int8.tflite"
+    original = model.read_bytes()
+    moved = tmp_path / "moved.tflite"
+    moved.write_bytes(without_input_rotation(original))
+    before, after = op_counts(original), op_counts(moved)
+    assert before["REVERSE_V2"] == 1 and "REVERSE_V2" not in after
+    assert after == before - Counter({"REVERSE_V2": 1})
+    assert set(tensor_names(moved)) < set(tensor_names(original))
+    assert read_metadata(moved)["preprocessing"]["input_rotation"] == "180-by-app"
+    assert rotation(model_facts(model)) == "graph" and rotation(model_facts(moved)) == "app"
+    with pytest.raises(Exception, match="no input rotation"):
+        without_input_rotation(moved.read_bytes())
+    if not micro_available():
+        pytest.skip("tflite-micro not installed: the outputs are not compared")
+    x = np.random.default_rng(0).integers(-128, 128, (3, 32, 32, 3)).astype(np.int8)
+    graph = run_micro(model, x, arena_size=16 << 20, timeout_s=300)
+    app = run_micro(moved, np.ascontiguousarray(x[:, ::-1, ::-1, :]), arena_size=16 << 20, timeout_s=300)
+    assert np.array_equal(graph, app)
+    assert not np.array_equal(graph, run_micro(moved, x, arena_size=16 << 20, timeout_s=300))  # the rotation matters
+
+
+# --------------------------------------------------------------------------- --build --run qemu
+
+def qemu_missing() -> str | None:
+    for tool, package in (("arm-none-eabi-gcc", "gcc-arm-none-eabi"), ("qemu-system-arm", "qemu-system-arm"),
+                          ("make", "make")):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed (Debian: {package})"
+    if not (TFLM_TREE / "Makefile").is_file():
+        return f"no TFLite Micro tree at {TFLM_TREE}"
+    if importlib.util.find_spec("tflite_micro") is None:
+        return "tflite-micro not installed (the host reference)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def tflm_cache(tmp_path_factory):
+    """One TFLite Micro build cache for this module: the first test builds the library (about
+    2 minutes on 2 cores), the rest reuse its objects."""
+    return tmp_path_factory.mktemp("tflm-cache")
+
+
+def run_firmware_qemu(run: Path, out: Path, cache: Path, *extra):
+    env = dict(os.environ, EDGESTAR_CACHE=str(cache))
+    return subprocess.run([sys.executable, "-m", "edgestar.cli", "firmware", str(run), "--board", "corstone-300",
+                           "--run", "qemu", "--tflm-root", str(TFLM_TREE), "--eval-samples", "4", "--out", str(out),
+                           "--json", "-q", *extra], capture_output=True, text=True, timeout=1800, env=env)
+
+
+@pytest.mark.e2e
+@needs_tools
+def test_firmware_runs_on_an_emulated_cortex_m55_bit_exact(micro_run, tmp_path, tflm_cache):
+    """Built with arm-none-eabi-gcc and CMSIS-NN for the Cortex-M55, run on QEMU's mps3-an547
+    with 4 demo images: every output equals TFLite Micro's x86 reference on the same int8
+    input; the arena the firmware used is within what it reserved; instructions are counted.
+    With --rotation app (no REVERSE_V2, the harness rotates) the outputs are the same."""
+    reason = qemu_missing()
+    if reason:
+        pytest.skip(reason)
+    res = run_firmware_qemu(micro_run, tmp_path / "graph", tflm_cache)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads(res.stdout)
+    b, q = result["build"], result["qemu"]
+    assert b["cpu"] == "cortex-m55" and b["machine"] == "mps3-an547" and Path(b["elf"]).is_file()
+    assert b["flash_bytes"] > result["model_bytes"] and b["code_bytes"] == b["flash_bytes"] - result["model_bytes"]
+    assert b["ram_bytes"] > result["arena"]["reserve"]  # the arena is in .bss
+    assert q["images"] == 4 and q["bit_exact"] and q["max_abs_diff_lsb"] == 0 and q["top1_agreement"] == 1.0
+    assert 0 < q["arena_used_bytes"] <= result["arena"]["reserve"]
+    assert q["instructions_min"] > 100_000 and q["instructions_max"] < 10 * q["instructions_min"]
+    assert result["verdict"]["flash"]["code_bytes"] == b["code_bytes"]
+    assert result["arena"]["reserve_from"] == "firmware" and q["arena_used_bytes"] == result["arena"]["firmware_used"]
+    info = (tmp_path / "graph" / f"{result['name']}_model_info.h").read_text()
+    assert f"ArenaSize = {result['arena']['reserve']};" in info and "used inside the firmware" in info
+
+    res = run_firmware_qemu(micro_run, tmp_path / "app", tflm_cache, "--rotation", "app")
+    assert res.returncode == 0, res.stderr[-3000:]
+    app = json.loads(res.stdout)
+    assert app["rotation"] == "app" and "REVERSE_V2" not in app["ops"]
+    assert "InputRotate180 = true;" in (tmp_path / "app" / f"{app['name']}_model_info.h").read_text()
+    assert app["qemu"]["bit_exact"] and app["qemu"]["outputs_sha256"] == q["outputs_sha256"]
+
+
+@pytest.mark.e2e
+@needs_tools
+def test_build_and_run_refuse_what_they_cannot_do(micro_run, tmp_path):
+    def firmware(*args, env=None):
+        return subprocess.run([sys.executable, "-m", "edgestar.cli", "firmware", str(micro_run), *args],
+                              capture_output=True, text=True, timeout=600,
+                              env={k: v for k, v in os.environ.items() if k != "EDGESTAR_TFLM_ROOT"})
+
+    cases = [
+        (["--board", "corstone-300", "--build"], "--tflm-root"),
+        (["--board", "corstone-300", "--build", "--tflm-root", str(tmp_path)], "is not a standalone TFLite Micro tree"),
+        (["--board", "esp32s3", "--build", "--tflm-root", str(tmp_path)], "compiles for Arm Cortex-M"),
+        (["--board", "pico2", "--run", "qemu", "--tflm-root", str(TFLM_TREE)], "QEMU has no plain bare-metal board"),
+        (["--board", "corstone-300", "--rotation", "sideways"], "--rotation"),
+    ]
+    for args, message in cases:
+        if "pico2" in args and not (TFLM_TREE / "Makefile").is_file():
+            continue
+        res = firmware(*args)
+        assert res.returncode == 2 and message in res.stderr.strip().splitlines()[-1], (args, res.stderr)
+        assert "Traceback" not in res.stderr

@@ -18,6 +18,7 @@ the margin.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import subprocess
 import sys
@@ -42,9 +43,11 @@ RESOLVER_METHODS = {
     "CUSTOM:ethos-u": "AddEthosU",
 }
 
-# A Cortex-M build needs a little more arena than TFLM's x86 interpreter reports (the demo
-# S1 @ 32 px: 181,316 B with CMSIS-NN on an emulated M55 vs 180,960 B on the host, facts.md):
-# reserve 1 KiB plus 2 %, rounded up to 16 bytes.
+# The arena reserved: what was measured plus 1 KiB plus 2 %, rounded up to 16 bytes. The host's
+# figure (TFLM's x86 interpreter, reference kernels) is not what a CMSIS-NN build needs: its
+# kernels add scratch buffers (S050 @ 32 px, 1000 classes, Cortex-M55: 75,540 B in the firmware vs
+# 59,504 B on the host; the demo S1 @ 32 px: 181,316 vs 180,960 B). `--run qemu` therefore
+# measures the arena inside the firmware and reserves from that.
 ARENA_MARGIN_BYTES = 1024
 ARENA_MARGIN_FRACTION = 0.02
 
@@ -157,6 +160,92 @@ def arena_to_reserve(measured: int) -> int:
     return (size + 15) // 16 * 16
 
 
+# --------------------------------------------------------------------------- the input rotation
+
+# How the 180-degree input rotation of edgestar's PAD-free graph (``convert/worker.py``) is done.
+ROTATE_NOTES = {
+    "graph": "normal order; the graph starts with REVERSE_V2 (edgestar's PAD-free rotation), so the "
+             "model rotates the image itself (TFLite Micro has that op since mid-2025, reference kernel only)",
+    "app": "rotated by 180 degrees: input pixel i is camera pixel H*W-1-i (row-major), the model's REVERSE_V2 "
+           "was moved into the application (`edgestar firmware --rotation app`); a camera's "
+           "horizontal+vertical flip registers do the same for free",
+    "none": "normal order",
+}
+
+
+def rotation(facts: ModelFacts) -> str:
+    """``graph`` (the model's first op rotates its input), ``app`` (the app must) or ``none``."""
+    if (facts.preprocessing or {}).get("input_rotation") == "180-by-app":
+        return "app"
+    return "graph" if _leading_rotation(facts.data) is not None else "none"
+
+
+def _leading_rotation(data: bytes):
+    """The (ModelT, op) of a REVERSE_V2 over H and W applied to the graph input, else None."""
+    from edgestar.convert.tflite_file import flatbuffer_schema
+
+    schema = flatbuffer_schema()
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(data, 0))
+    graph = model.subgraphs[0]
+    codes = model.operatorCodes
+    for op in graph.operators:
+        code = codes[op.opcodeIndex]
+        if max(code.builtinCode, code.deprecatedBuiltinCode) != schema.BuiltinOperator.REVERSE_V2:
+            continue
+        if len(graph.inputs) != 1 or op.inputs[0] != graph.inputs[0]:
+            continue
+        axes = model.buffers[graph.tensors[op.inputs[1]].buffer].data
+        if axes is None or sorted(np.frombuffer(bytes(axes), np.int32).tolist()) != [1, 2]:
+            continue
+        return model, op
+    return None
+
+
+def without_input_rotation(data: bytes) -> bytes:
+    """The model with its input REVERSE_V2 removed: the rotated tensor becomes the input, and the
+    metadata's preprocessing says the application rotates (``input_rotation: 180-by-app``). The
+    rest of the graph, every weight and every quantization parameter are unchanged."""
+    from edgestar.convert.tflite_file import add_metadata, pack_model, read_metadata
+
+    found = _leading_rotation(data)
+    if found is None:
+        raise InputError("the model has no input rotation (REVERSE_V2 on the input) to move into the app")
+    model, op = found
+    graph = model.subgraphs[0]
+    old_input, axes, rotated = op.inputs[0], op.inputs[1], op.outputs[0]
+    src, dst = graph.tensors[old_input], graph.tensors[rotated]
+    if (list(src.shape) != list(dst.shape) or src.type != dst.type
+            or list(src.quantization.scale) != list(dst.quantization.scale)
+            or list(src.quantization.zeroPoint) != list(dst.quantization.zeroPoint)):
+        raise InputError("the input rotation changes the tensor's type or quantization; cannot move it")
+    graph.operators = [o for o in graph.operators if o is not op]
+    used = {i for o in graph.operators for i in list(o.inputs) + list(o.outputs) if i >= 0}
+    dropped = {i for i in (old_input, axes) if i not in used}
+    keep = [i for i in range(len(graph.tensors)) if i not in dropped]
+    index = {old: new for new, old in enumerate(keep)}
+    graph.tensors = [graph.tensors[i] for i in keep]
+    for o in graph.operators:
+        o.inputs = [index[i] if i >= 0 else i for i in o.inputs]
+        o.outputs = [index[i] for i in o.outputs]
+    graph.inputs = [index[rotated]]
+    graph.outputs = [index[i] for i in graph.outputs]
+    graph.tensors[index[rotated]].name = src.name
+    for sig in model.signatureDefs or []:
+        for t in list(sig.inputs or []) + list(sig.outputs or []):
+            t.tensorIndex = index[rotated] if t.tensorIndex == old_input else index[t.tensorIndex]
+    codes_used = sorted({o.opcodeIndex for o in graph.operators})
+    recode = {old: new for new, old in enumerate(codes_used)}
+    model.operatorCodes = [model.operatorCodes[i] for i in codes_used]
+    for o in graph.operators:
+        o.opcodeIndex = recode[o.opcodeIndex]
+    packed = pack_model(model, size_hint=len(data))
+    meta = read_metadata(data)
+    if meta is not None:
+        meta = dict(meta, preprocessing={**(meta.get("preprocessing") or {}), "input_rotation": "180-by-app"})
+        packed = add_metadata(packed, meta)
+    return packed
+
+
 # --------------------------------------------------------------------------- preprocessing
 
 def input_lookup_table(facts: ModelFacts) -> np.ndarray:
@@ -201,9 +290,15 @@ def _fill(text: str, values: dict) -> str:
     return text
 
 
+HOST_BASIS = ("B measured by TFLite Micro's x86 interpreter (CMSIS-NN kernels can need more for their "
+              "scratch buffers; `edgestar firmware --run qemu` measures it inside the firmware)")
+
+
 def generate(facts: ModelFacts, arena: dict, out: Path, *, test_image: dict | None = None,
-             family: str = "arm-cortex-m") -> list[Path]:
-    """Write the firmware sources for ``facts`` into ``out``; returns the files written."""
+             family: str = "arm-cortex-m", harness: bool = False, reserve: int | None = None,
+             basis: str | None = None) -> list[Path]:
+    """Write the firmware sources for ``facts`` into ``out``; returns the files written. The arena
+    reserved is ``reserve`` (what ``basis`` says it rests on) or the host measurement plus the margin."""
     from edgestar.files import atomic_write_bytes, ensure_writable_dir
 
     ensure_writable_dir(out)
@@ -212,7 +307,8 @@ def generate(facts: ModelFacts, arena: dict, out: Path, *, test_image: dict | No
     lut = input_lookup_table(facts)
     pre = facts.preprocessing or {}
     labels = facts.class_names or [str(i) for i in range(int(np.prod(facts.output_shape[1:])))]
-    reserve = arena_to_reserve(arena["total"])
+    if reserve is None:
+        reserve, basis = arena_to_reserve(arena["total"]), f"{arena['total']:,} {HOST_BASIS}"
     h, w = (facts.input_shape[1], facts.input_shape[2]) if len(facts.input_shape) == 4 else (0, 0)
     values = {
         "NAME": n, "CAMEL": cam, "GUARD": n.upper(),
@@ -221,7 +317,7 @@ def generate(facts: ModelFacts, arena: dict, out: Path, *, test_image: dict | No
                                                    for op in ops),
         "OP_LIST": ", ".join(f"{op} x{facts.ops[op]}" for op in ops),
         "ARENA_MEASURED": arena["total"], "ARENA_HEAD": arena.get("head", 0), "ARENA_TAIL": arena.get("tail", 0),
-        "ARENA_RESERVE": reserve, "MARGIN": f"{ARENA_MARGIN_BYTES} B + {ARENA_MARGIN_FRACTION:.0%}",
+        "ARENA_RESERVE": reserve, "ARENA_BASIS": basis, "MARGIN": f"{ARENA_MARGIN_BYTES} B + {ARENA_MARGIN_FRACTION:.0%}",
         "IN_H": h, "IN_W": w, "IN_C": facts.input_shape[-1],
         "IN_SCALE": f"{facts.input_scale:.9g}f", "IN_ZERO": facts.input_zero_point,
         "OUT_CLASSES": len(labels), "OUT_SCALE": f"{facts.output_scale:.9g}f", "OUT_ZERO": facts.output_zero_point,
@@ -231,9 +327,7 @@ def generate(facts: ModelFacts, arena: dict, out: Path, *, test_image: dict | No
         "PRE_INTERP": pre.get("interpolation", "bicubic"),
         "PRE_MEAN": ", ".join(f"{v:g}" for v in pre.get("mean", [])),
         "PRE_STD": ", ".join(f"{v:g}" for v in pre.get("std", [])),
-        "ROTATE_NOTE": ("the graph starts with REVERSE_V2 (edgestar's PAD-free rotation): feed pixels in their "
-                        "normal order, the model rotates them itself" if "REVERSE_V2" in facts.ops else
-                        "feed pixels in their normal order"),
+        "ROTATE_NOTE": ROTATE_NOTES[rotation(facts)], "ROTATE_180": "true" if rotation(facts) == "app" else "false",
     }
     image = test_image or {"pixels": bytes(h * w * 3), "label": -1, "host_top1": -1, "source": "none (zeros)"}
     values.update({"TEST_PIXELS": _bytes_as_c(bytes(image["pixels"])), "TEST_LABEL": image["label"],
@@ -247,6 +341,8 @@ def generate(facts: ModelFacts, arena: dict, out: Path, *, test_image: dict | No
         "main.cc": _fill(_template(f"{family}/main.cc"), values),
         "edgestar.mk": _fill(_template("edgestar.mk"), values),
     }
+    if harness:
+        files["harness.cc"] = _fill(_template("qemu/harness.cc"), values)
     written = []
     for name, text in files.items():
         atomic_write_bytes(out / name, text.encode())
@@ -254,30 +350,82 @@ def generate(facts: ModelFacts, arena: dict, out: Path, *, test_image: dict | No
     return written
 
 
+def evaluation_pixels(facts: ModelFacts, source: str = "demo", samples: int = 1, *, seed: int = 0):
+    """``samples`` labelled images from ``source``, resized and cropped as the app would:
+    (uint8 N x H x W x 3 pixels, labels or None when the folder's classes are not the model's,
+    the images' paths)."""
+    from edgestar.data.images import Preprocessing, evaluation_set, load_rgb, resize_and_crop
+
+    if not facts.preprocessing:
+        raise InputError("the model carries no preprocessing metadata (not made by edgestar)")
+    pre = Preprocessing.from_dict(facts.preprocessing)
+    folder = evaluation_set(source, samples=samples, seed=seed)
+    pixels = np.stack([np.asarray(resize_and_crop(load_rgb(p), pre), dtype=np.uint8) for p, _ in folder.samples])
+    labelled = bool(facts.class_names) and list(facts.class_names) == list(folder.classes)
+    labels = np.array([label for _, label in folder.samples]) if labelled else None
+    return pixels, labels, [p for p, _ in folder.samples]
+
+
+def input_tensor(facts: ModelFacts, pixels: np.ndarray) -> np.ndarray:
+    """The int8 input tensors the firmware computes from 8-bit pixels (N x H x W x 3): the
+    lookup table, then the 180-degree rotation when the app does it."""
+    lut = input_lookup_table(facts)
+    q = np.stack([lut[c][pixels[..., c]] for c in range(3)], axis=-1).astype(np.int8)
+    return np.ascontiguousarray(q[:, ::-1, ::-1, :]) if rotation(facts) == "app" else q
+
+
+def host_reference(model: Path, facts: ModelFacts, pixels: np.ndarray) -> np.ndarray:
+    """The outputs of TFLite Micro's x86 interpreter (reference kernels) on exactly the firmware's
+    inputs; the firmware is bit-exact with it (and with LiteRT's BUILTIN_REF kernels, facts.md)."""
+    from edgestar.evaluate.runners import micro_timeout_s, run_micro
+
+    x = input_tensor(facts, pixels)
+    y = run_micro(model, x, arena_size=64 << 20, timeout_s=micro_timeout_s(model, len(x)))
+    return y.reshape(len(x), -1)
+
+
+def compare_outputs(ran, reference: np.ndarray, labels, facts: ModelFacts) -> dict:
+    """What the firmware computed on QEMU against the host reference, as a JSON-able dict."""
+    got = ran.outputs.astype(np.int16)
+    ref = reference.astype(np.int16)
+    if got.shape != ref.shape:
+        raise StageError(f"the firmware printed {got.shape} outputs, the host computed {ref.shape}")
+    diff = np.abs(got - ref).max(axis=1)
+    top1, ref_top1 = got.argmax(1), ref.argmax(1)
+    ins = sorted(ran.instructions)
+    return {
+        "machine": ran.machine, "images": len(got), "bit_exact_images": int((diff == 0).sum()),
+        "bit_exact": bool((diff == 0).all()), "max_abs_diff_lsb": int(diff.max()) if len(diff) else 0,
+        "top1_agreement": float((top1 == ref_top1).mean()),
+        "top1_firmware": float((top1 == labels).mean()) if labels is not None else None,
+        "top1_host": float((ref_top1 == labels).mean()) if labels is not None else None,
+        "reference": "tflite-micro x86 interpreter (reference kernels) on the same int8 inputs",
+        "instructions_median": ins[len(ins) // 2] if ins else None, "instructions_min": ins[0] if ins else None,
+        "instructions_max": ins[-1] if ins else None,
+        "instructions_note": "QEMU -icount shift=0: executed instructions per inference, not cycles or latency",
+        "arena_used_bytes": ran.arena_used, "qemu_seconds": round(ran.seconds, 1),
+        "outputs_sha256": hashlib.sha256(ran.outputs.tobytes()).hexdigest(),
+    }
+
+
 def test_image(facts: ModelFacts, model: Path, source: str = "demo", *, seed: int = 0) -> dict:
     """One evaluation image for the example app, resized and cropped as the app would, and the
     class the host's LiteRT run chooses on exactly the int8 input the firmware computes."""
-    from edgestar.data.images import Preprocessing, evaluation_set, load_rgb, resize_and_crop
     from edgestar.evaluate.runners import TFLiteRunner
 
     if not facts.preprocessing:
         raise InputError(f"{model} carries no preprocessing metadata (not made by edgestar)")
-    pre = Preprocessing.from_dict(facts.preprocessing)
-    folder = evaluation_set(source, samples=1, seed=seed)
-    path, label = folder.samples[0]
-    pixels = np.asarray(resize_and_crop(load_rgb(path), pre), dtype=np.uint8)  # H x W x 3
-    lut = input_lookup_table(facts)
-    q = np.stack([lut[c][pixels[..., c]] for c in range(3)], axis=-1)[None].astype(np.int8)
+    pixels, labels, paths = evaluation_pixels(facts, source, 1, seed=seed)
     host = TFLiteRunner(model)
-    host.interpreter.set_tensor(host.inp["index"], q)
+    host.interpreter.set_tensor(host.inp["index"], input_tensor(facts, pixels))
     host.interpreter.invoke()
     top1 = int(host.interpreter.get_tensor(host.out["index"]).argmax())
     names = facts.class_names
-    labelled = bool(names) and list(names) == list(folder.classes)
     name = (lambda i: names[i] if names and 0 <= i < len(names) else None)  # noqa: E731
-    return {"pixels": pixels.tobytes(), "label": int(label) if labelled else -1, "host_top1": top1,
-            "label_name": name(int(label)) if labelled else None, "host_top1_name": name(top1),
-            "source": f"{Path(path).parent.name}/{Path(path).name}"}
+    label = int(labels[0]) if labels is not None else -1
+    return {"pixels": pixels[0].tobytes(), "label": label, "host_top1": top1,
+            "label_name": name(label) if label >= 0 else None, "host_top1_name": name(top1),
+            "source": f"{Path(paths[0]).parent.name}/{Path(paths[0]).name}"}
 
 
 @dataclass(kw_only=True)
@@ -285,17 +433,48 @@ class FirmwareConfig:
     board: str
     out: Path | None = None  # [default: <run>/firmware-<board>, or beside the model]
     family: str | None = None  # example app: arm-cortex-m or esp32 [default: the board's]
-    test_images: str = "demo"  # where the compiled-in test image comes from
+    test_images: str = "demo"  # labelled images: the compiled-in test image, --run's evaluation images
+    rotation: str = "graph"  # graph: keep the model's REVERSE_V2; app: the application rotates
+    build: bool = False  # compile for the board's core (needs tflm_root)
+    tflm_root: Path | None = None  # [default: $EDGESTAR_TFLM_ROOT]
+    kernels: str = "cmsis_nn"  # or reference
+    run: str | None = None  # "qemu": run the build on QEMU's emulated board for the core
+    eval_samples: int = 20  # images --run feeds the firmware
 
 
 def firmware(path, config: FirmwareConfig, *, log=None) -> dict:
     """Firmware sources for the INT8 model of ``path`` (a run directory or a ``.tflite``), the
-    arena measured, and whether it fits ``config.board``. Returns a JSON-able summary."""
+    arena measured, and whether it fits ``config.board``; with ``build``/``run``, the sources
+    compiled for the board's core and run on QEMU. Returns a JSON-able summary."""
+    import os
+
     from edgestar.deploy.boards import format_verdict, get_board, verdict
     from edgestar.deploy.models import collect_models
+    from edgestar.files import atomic_write_bytes, ensure_writable_dir
 
     log = log or (lambda msg: None)
     board = get_board(config.board)
+    if config.rotation not in ("graph", "app"):
+        raise InputError(f"--rotation must be graph or app, not {config.rotation!r}")
+    if config.run not in (None, "qemu"):
+        raise InputError(f"--run supports qemu only, not {config.run!r}")
+    build = config.build or config.run is not None
+    tflm_root = config.tflm_root or os.environ.get("EDGESTAR_TFLM_ROOT")
+    if build and not tflm_root:
+        raise InputError("--build/--run need --tflm-root DIR (a standalone TFLite Micro tree) or $EDGESTAR_TFLM_ROOT")
+    if build and board.family != "arm-cortex-m":
+        raise InputError(f"--build compiles for Arm Cortex-M; {board.name} has a {board.core_name} "
+                         "(build the generated sources with ESP-IDF and esp-tflite-micro)")
+    if build:
+        from edgestar.deploy.firmware_build import BUILD_CPUS, MACHINES, check_tree
+
+        tflm_root = check_tree(Path(tflm_root))
+        if board.core not in BUILD_CPUS:
+            raise InputError(f"--build: the TFLite Micro tree's Makefile does not build for {board.core}")
+        if config.run == "qemu" and board.core not in MACHINES:
+            raise InputError(f"--run qemu: QEMU has no plain bare-metal board with a {board.core_name} here "
+                             "(have: " + ", ".join(f"{c} on {m.name}" for c, m in MACHINES.items())
+                             + "); use --build for the sizes")
     path = Path(path)
     if path.is_dir():
         models = [m for m in collect_models([path]) if m.kind == "tflite" and m.fmt == "int8"]
@@ -306,22 +485,79 @@ def firmware(path, config: FirmwareConfig, *, log=None) -> dict:
         model = path
     facts = model_facts(model)
     out = Path(config.out) if config.out else model.parent / f"firmware-{board.name}"
+    if config.rotation == "app" and rotation(facts) == "graph":
+        ensure_writable_dir(out)
+        rotated = out / f"{model.stem}_rotation-app.tflite"
+        atomic_write_bytes(rotated, without_input_rotation(facts.data))
+        log(f"moved the input rotation (REVERSE_V2) into the application: {rotated.name}")
+        model, facts = rotated, model_facts(rotated)
+        facts.name = c_identifier(model.stem.removesuffix("_rotation-app"))
     log(f"measuring the arena of {model.name} in TFLite Micro's interpreter")
     arena = measure_arena(model)
     image = test_image(facts, model, config.test_images)
     family = config.family or ("esp32" if board.family == "esp32" else "arm-cortex-m")
-    files = generate(facts, arena, out, test_image=image, family=family)
-    fit = verdict(board, model_bytes=len(facts.data), arena_bytes=arena_to_reserve(arena["total"]))
-    return {
+    sources = dict(facts=facts, arena=arena, out=out, test_image=image, family=family, harness=build)
+    files = generate(**sources)
+    reserve = arena_to_reserve(arena["total"])
+    result = {
         "model": str(model), "name": facts.name, "board": board.name, "out": str(out),
         "files": [f.name for f in files], "ops": facts.ops, "model_bytes": len(facts.data),
-        "arena": {**arena, "reserve": arena_to_reserve(arena["total"]),
-                  "margin": f"{ARENA_MARGIN_BYTES} B + {ARENA_MARGIN_FRACTION:.0%}",
-                  "measured_by": "tflite-micro (x86 interpreter, reference kernels)"},
-        "reverse_v2": "REVERSE_V2" in facts.ops,
+        "arena": {**arena, "reserve": reserve, "margin": f"{ARENA_MARGIN_BYTES} B + {ARENA_MARGIN_FRACTION:.0%}",
+                  "measured_by": "tflite-micro (x86 interpreter, reference kernels)", "reserve_from": "host",
+                  "firmware_used": None},
+        "rotation": rotation(facts), "reverse_v2": "REVERSE_V2" in facts.ops,
+        "build": None, "qemu": None,
         "test_image": {k: v for k, v in image.items() if k != "pixels"},
-        "verdict": fit, "verdict_text": format_verdict(fit),
     }
+    if build:
+        result.update(_build_and_run(model, facts, sources, board, config, Path(tflm_root), result["arena"], log))
+    fit = verdict(board, model_bytes=len(facts.data), arena_bytes=result["arena"]["reserve"],
+                  code_bytes_estimate=result["build"]["code_bytes"] if result["build"] else None)
+    result["verdict"], result["verdict_text"] = fit, format_verdict(fit)
+    if result["build"]:
+        result["verdict_text"] = result["verdict_text"].replace(
+            f"code {result['build']['code_bytes']:,} B", f"code {result['build']['code_bytes']:,} B (in the ELF)")
+    return result
+
+
+def _build_and_run(model: Path, facts: ModelFacts, sources: dict, board, config: FirmwareConfig, tflm_root: Path,
+                   arena: dict, log) -> dict:
+    """``--build``: compile for the board's core. ``--run qemu``: first run once with a generous
+    arena to measure what the firmware really uses, then regenerate with that (plus the margin)
+    reserved, rebuild, and run the evaluation images on exactly the firmware the user gets."""
+    from edgestar.deploy.firmware_build import MACHINES, build, run_qemu
+
+    def compile_():
+        return build(sources["out"], facts.name, facts.ops, cpu=board.core, tflm_root=tflm_root,
+                     kernels=config.kernels, log=log)
+
+    pixels = labels = None
+    if config.run == "qemu":
+        pixels, labels, _ = evaluation_pixels(facts, config.test_images, config.eval_samples)
+        ram = MACHINES[board.core].ram[1]
+        probe = min(max(2 * arena["reserve"], arena["reserve"] + (256 << 10)), ram - (64 << 10))
+        generate(**sources, reserve=probe, basis=f"{probe:,} B (a probe build)")
+        log(f"measuring the arena inside the firmware on QEMU (a build with {probe:,} B)")
+        used = run_qemu(compile_().elf, board.core, pixels[:1], timeout_s=600).arena_used
+        reserve = arena_to_reserve(used)
+        generate(**sources, reserve=reserve,
+                 basis=f"{used:,} B used inside the firmware ({board.core}, {config.kernels} kernels, "
+                       f"on QEMU {MACHINES[board.core].name})")
+        arena.update(reserve=reserve, reserve_from="firmware", firmware_used=used)
+    built = compile_()
+    log(f"built {built.elf.name} for {board.core} ({config.kernels} kernels): flash {built.flash_bytes:,} B, "
+        f"RAM {built.ram_bytes:,} B")
+    code = built.flash_bytes - len(facts.data)
+    result = {"build": {**built.as_dict(), "code_bytes": code,
+                        "note": f"linked for {'QEMU ' + built.machine if built.machine else 'a generic memory map'} "
+                                "with semihosting stdio; a board build adds its own start-up and drivers"}}
+    if config.run != "qemu":
+        return result
+    log(f"running {built.elf.name} on QEMU {built.machine} with {len(pixels)} images")
+    ran = run_qemu(built.elf, board.core, pixels, timeout_s=120 + 30 * len(pixels))
+    reference = host_reference(model, facts, pixels)
+    result["qemu"] = compare_outputs(ran, reference, labels, facts)
+    return result
 
 
 def _c_string(s: str) -> str:

@@ -5,9 +5,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-// Tensor arena to reserve: {{ARENA_MEASURED}} B measured by TFLite Micro's interpreter
-// ({{ARENA_HEAD}} B activations + {{ARENA_TAIL}} B persistent), plus a margin of {{MARGIN}}
-// (a Cortex-M build with CMSIS-NN kernels needs a few hundred bytes more than the host measures).
+// Tensor arena to reserve: {{ARENA_BASIS}},
+// plus a margin of {{MARGIN}}. TFLite Micro's x86 interpreter (reference kernels) measured
+// {{ARENA_MEASURED}} B ({{ARENA_HEAD}} B activations + {{ARENA_TAIL}} B persistent).
 constexpr size_t k{{CAMEL}}ArenaSize = {{ARENA_RESERVE}};
 
 // Input: int8, NHWC 1x{{IN_H}}x{{IN_W}}x{{IN_C}}; real = scale * (q - zero_point).
@@ -29,7 +29,9 @@ const char* const k{{CAMEL}}Labels[k{{CAMEL}}NumClasses] = {
 // {{PRE_SIZE}} / {{PRE_CROP}} px ({{PRE_INTERP}}), center-crops {{PRE_SIZE}}x{{PRE_SIZE}}, and then, with no
 // float math, writes input[y][x][c] = k{{CAMEL}}InputLut[c][pixel[y][x][c]] for 8-bit RGB pixels.
 // The table holds round(((v / 255 - mean[c]) / std[c]) / scale) + zero_point, clamped to int8,
-// with mean = {{PRE_MEAN}} and std = {{PRE_STD}}; {{ROTATE_NOTE}}.
+// with mean = {{PRE_MEAN}} and std = {{PRE_STD}}.
+// Pixel order: {{ROTATE_NOTE}}.
+constexpr bool k{{CAMEL}}InputRotate180 = {{ROTATE_180}};
 const int8_t k{{CAMEL}}InputLut[3][256] = {
 {{LUT}}
 };

@@ -28,8 +28,9 @@ extern "C" void app_main(void) {
   int8_t* input = interpreter.input(0)->data.int8;
   const int pixels = k{{CAMEL}}InputHeight * k{{CAMEL}}InputWidth;
   for (int i = 0; i < pixels; ++i) {
+    const int from = k{{CAMEL}}InputRotate180 ? pixels - 1 - i : i;  // see the preprocessing note
     for (int c = 0; c < 3; ++c) {
-      input[i * 3 + c] = k{{CAMEL}}InputLut[c][k{{CAMEL}}TestImage[i * 3 + c]];
+      input[i * 3 + c] = k{{CAMEL}}InputLut[c][k{{CAMEL}}TestImage[from * 3 + c]];
     }
   }
   if (interpreter.Invoke() != kTfLiteOk) {
