@@ -378,6 +378,10 @@ def profiles(as_json):
 @click.option("--rotation", type=click.Choice(["graph", "app"]), default="graph", show_default=True,
               help="graph: keep the model's input REVERSE_V2 (TFLite Micro since mid-2025); app: remove it, "
                    "the application feeds the pixels rotated by 180 degrees (any TFLM version).")
+@click.option("--patches", default="none", show_default=True, metavar="none|auto|N[,M]",
+              help="Patch-based inference of the first layers: the stem pair in N strips, the first stage's "
+                   "star chains in M (0: whole); auto: the counts with the smallest arena. An exact rewrite, "
+                   "checked bit-exact against the unpatched model; it lowers the arena and costs instructions.")
 @click.option("--build", is_flag=True,
               help="Compile the sources for the board's core with arm-none-eabi-gcc and report flash and RAM "
                    "from the linked ELF.")
@@ -392,15 +396,16 @@ def profiles(as_json):
               help="Images --run feeds the firmware (from --test-image-from).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
 @quiet_option
-def firmware(path, board, out, family, test_images, rotation, build, tflm_root, kernels, run_on, eval_samples,
-             as_json, quiet):
+def firmware(path, board, out, family, test_images, rotation, patches, build, tflm_root, kernels, run_on,
+             eval_samples, as_json, quiet):
     """TensorFlow Lite Micro sources for a run's INT8 model, its measured arena, and whether it fits."""
     from edgestar.deploy.firmware import FirmwareConfig
     from edgestar.deploy.firmware import firmware as run_firmware
 
     log = (lambda *_: None) if quiet else (lambda msg: click.echo(msg, err=True))
     config = FirmwareConfig(board=board, out=Path(out) if out else None, family=family, test_images=test_images,
-                            rotation=rotation, build=build, tflm_root=Path(tflm_root) if tflm_root else None,
+                            rotation=rotation, patches=patches, build=build,
+                            tflm_root=Path(tflm_root) if tflm_root else None,
                             kernels=kernels, run=run_on, eval_samples=eval_samples)
     result = run_firmware(path, config, log=log)
     if as_json:
@@ -420,6 +425,12 @@ def firmware(path, board, out, family, test_images, rotation, build, tflm_root, 
     t = result["test_image"]
     click.echo(f"compiled-in test image {t['source']}: host LiteRT top-1 {t['host_top1']} ({t['host_top1_name']})"
                + (f", label {t['label']} ({t['label_name']})" if t["label"] >= 0 else ""))
+    p = result["patches"]
+    if p:
+        click.echo(f"patch-based inference: stem pair in {p['strips']} strips, {p['star_chains']} star chain(s) in "
+                   f"{p['star_strips'] or 'none (whole)'}; TFLM x86 arena {p['arena_before']['total']:,} -> "
+                   f"{p['arena_after']['total']:,} B; {p['extra_macs']:,} extra MACs (halo rows); outputs "
+                   f"bit-exact with the unpatched model on {p['parity']['images']} images")
     if arena["reserve_from"] == "firmware":
         click.echo(f"arena used inside the firmware: {arena['firmware_used']:,} B; reserved {arena['reserve']:,} B "
                    f"(+{arena['margin']}) in model_info.h")

@@ -260,10 +260,12 @@ def test_firmware_runs_on_an_emulated_cortex_m55_bit_exact(micro_run, tmp_path, 
     info = (tmp_path / "graph" / f"{result['name']}_model_info.h").read_text()
     assert f"ArenaSize = {result['arena']['reserve']};" in info and "used inside the firmware" in info
 
-    res = run_firmware_qemu(micro_run, tmp_path / "app", tflm_cache, "--rotation", "app")
+    # the app rotates and the first layers run in strips: two exact rewrites, the same outputs
+    res = run_firmware_qemu(micro_run, tmp_path / "app", tflm_cache, "--rotation", "app", "--patches", "4,2")
     assert res.returncode == 0, res.stderr[-3000:]
     app = json.loads(res.stdout)
     assert app["rotation"] == "app" and "REVERSE_V2" not in app["ops"]
+    assert app["patches"]["strips"] == 4 and app["ops"]["SLICE"] > 0 and app["patches"]["parity"]["bit_exact"]
     assert "InputRotate180 = true;" in (tmp_path / "app" / f"{app['name']}_model_info.h").read_text()
     assert app["qemu"]["bit_exact"] and app["qemu"]["outputs_sha256"] == q["outputs_sha256"]
 
@@ -289,3 +291,37 @@ def test_build_and_run_refuse_what_they_cannot_do(micro_run, tmp_path):
         res = firmware(*args)
         assert res.returncode == 2 and message in res.stderr.strip().splitlines()[-1], (args, res.stderr)
         assert "Traceback" not in res.stderr
+
+
+# --------------------------------------------------------------------------- --patches
+
+@pytest.mark.e2e
+@needs_tools
+def test_patch_based_first_layers_compute_exactly_the_same(micro_run, tmp_path):
+    """The stem pair in strips (SLICE, VALID convs, PAD, CONCATENATION) and the star chain in
+    strips: TFLite Micro's interpreter gives the unpatched model's outputs bit for bit; the extra
+    MACs are the halo rows; a patched model has nothing left to patch."""
+    from edgestar.convert.patches import patch_first_layers
+    from edgestar.convert.tflite_file import op_counts
+    from edgestar.errors import InputError
+    from edgestar.evaluate.runners import run_micro
+
+    model = micro_run / "starnet_s050_32_int8.tflite"  # 32 px: stem 16 rows, first stage 8
+    before = op_counts(model)
+    x = np.random.default_rng(1).integers(-128, 128, (3, 32, 32, 3)).astype(np.int8)
+    reference = run_micro(model, x, arena_size=16 << 20, timeout_s=300)
+    for strips, star in ((4, 2), (3, 0), (8, 8)):
+        data, summary = patch_first_layers(model.read_bytes(), strips=strips, star_strips=star)
+        patched = tmp_path / f"p{strips}_{star}.tflite"
+        patched.write_bytes(data)
+        ops = op_counts(patched)
+        chains = summary["star_chains"]
+        assert summary["strips"] == strips and (chains == 1 if star else chains == 0)
+        assert ops["CONCATENATION"] == 1 + chains and ops["PAD"] == 1 + strips  # input + one per strip
+        assert ops["CONV_2D"] == before["CONV_2D"] - 2 + 2 * strips + (3 * star - 3) * chains
+        assert summary["extra_macs"] == (strips - 1) * 16 * 32 * 3 * 3 * 3  # one stem row per inner edge
+        assert np.array_equal(run_micro(patched, x, arena_size=16 << 20, timeout_s=300), reference)
+        with pytest.raises(InputError, match="nothing to patch"):
+            patch_first_layers(data, strips=2)
+    with pytest.raises(InputError, match="2 to 10 strips"):
+        patch_first_layers(model.read_bytes(), strips=11)

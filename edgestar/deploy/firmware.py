@@ -38,7 +38,7 @@ RESOLVER_METHODS = {
     "FULLY_CONNECTED": "AddFullyConnected", "HARD_SWISH": "AddHardSwish", "LOGISTIC": "AddLogistic",
     "MAX_POOL_2D": "AddMaxPool2D", "MEAN": "AddMean", "MUL": "AddMul", "PAD": "AddPad", "PADV2": "AddPadV2",
     "QUANTIZE": "AddQuantize", "RELU": "AddRelu", "RELU6": "AddRelu6", "RESHAPE": "AddReshape",
-    "REVERSE_V2": "AddReverseV2", "SOFTMAX": "AddSoftmax", "SQUEEZE": "AddSqueeze",
+    "REVERSE_V2": "AddReverseV2", "SLICE": "AddSlice", "SOFTMAX": "AddSoftmax", "SQUEEZE": "AddSqueeze",
     "STRIDED_SLICE": "AddStridedSlice", "SUB": "AddSub", "SUM": "AddSum", "TRANSPOSE": "AddTranspose",
     "CUSTOM:ethos-u": "AddEthosU",
 }
@@ -439,6 +439,7 @@ class FirmwareConfig:
     tflm_root: Path | None = None  # [default: $EDGESTAR_TFLM_ROOT]
     kernels: str = "cmsis_nn"  # or reference
     run: str | None = None  # "qemu": run the build on QEMU's emulated board for the core
+    patches: str = "none"  # none, auto, or STEM[,STAR] strips of patch-based inference (convert/patches.py)
     eval_samples: int = 20  # images --run feeds the firmware
 
 
@@ -484,6 +485,7 @@ def firmware(path, config: FirmwareConfig, *, log=None) -> dict:
     else:
         model = path
     facts = model_facts(model)
+    name = facts.name
     out = Path(config.out) if config.out else model.parent / f"firmware-{board.name}"
     if config.rotation == "app" and rotation(facts) == "graph":
         ensure_writable_dir(out)
@@ -491,7 +493,10 @@ def firmware(path, config: FirmwareConfig, *, log=None) -> dict:
         atomic_write_bytes(rotated, without_input_rotation(facts.data))
         log(f"moved the input rotation (REVERSE_V2) into the application: {rotated.name}")
         model, facts = rotated, model_facts(rotated)
-        facts.name = c_identifier(model.stem.removesuffix("_rotation-app"))
+    patches = None
+    if config.patches != "none":
+        model, facts, patches = patched_model(model, facts, out, config, log)
+    facts.name = name  # the C identifiers stay the model's, whatever was rewritten
     log(f"measuring the arena of {model.name} in TFLite Micro's interpreter")
     arena = measure_arena(model)
     image = test_image(facts, model, config.test_images)
@@ -505,7 +510,7 @@ def firmware(path, config: FirmwareConfig, *, log=None) -> dict:
         "arena": {**arena, "reserve": reserve, "margin": f"{ARENA_MARGIN_BYTES} B + {ARENA_MARGIN_FRACTION:.0%}",
                   "measured_by": "tflite-micro (x86 interpreter, reference kernels)", "reserve_from": "host",
                   "firmware_used": None},
-        "rotation": rotation(facts), "reverse_v2": "REVERSE_V2" in facts.ops,
+        "rotation": rotation(facts), "reverse_v2": "REVERSE_V2" in facts.ops, "patches": patches,
         "build": None, "qemu": None,
         "test_image": {k: v for k, v in image.items() if k != "pixels"},
     }
@@ -518,6 +523,62 @@ def firmware(path, config: FirmwareConfig, *, log=None) -> dict:
         result["verdict_text"] = result["verdict_text"].replace(
             f"code {result['build']['code_bytes']:,} B", f"code {result['build']['code_bytes']:,} B (in the ELF)")
     return result
+
+
+PATCH_GRID = [(stem, star) for stem in (4, 6, 8, 10) for star in (0, 2, 3, 4)]
+
+
+def parse_patches(spec: str) -> list[tuple[int, int | None]]:
+    """``auto`` -> the grid to search; ``8`` -> [(8, None)]; ``8,3`` -> [(8, 3)]."""
+    if spec == "auto":
+        return list(PATCH_GRID)
+    try:
+        parts = [int(p) for p in spec.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2):
+        raise InputError(f"--patches takes none, auto, STRIPS or STRIPS,STAR_STRIPS (e.g. 8,3), not {spec!r}")
+    return [(parts[0], parts[1] if len(parts) == 2 else None)]
+
+
+def patched_model(model: Path, facts: ModelFacts, out: Path, config: FirmwareConfig, log):
+    """Patch-based inference of the first layers (:mod:`edgestar.convert.patches`): the strip
+    counts given, or (``auto``) those of a small grid with the smallest arena in TFLite Micro's
+    interpreter. The result must give the unpatched model's outputs bit for bit on the
+    evaluation images (TFLite Micro's interpreter), or the run stops."""
+    import tempfile
+
+    from edgestar.convert.patches import patch_first_layers
+    from edgestar.evaluate.runners import micro_timeout_s, run_micro
+    from edgestar.files import atomic_write_bytes, ensure_writable_dir
+
+    ensure_writable_dir(out)
+    before = measure_arena(model)
+    best = None
+    with tempfile.TemporaryDirectory(prefix="edgestar-patches-") as tmp:
+        for strips, star in parse_patches(config.patches):
+            data, summary = patch_first_layers(facts.data, strips=strips, star_strips=star)
+            trial = Path(tmp) / "trial.tflite"
+            trial.write_bytes(data)
+            arena = measure_arena(trial)
+            if best is None or arena["total"] < best[2]["total"]:
+                best = (data, summary, arena)
+    data, summary, arena = best
+    patched = out / f"{model.stem}_patched.tflite"
+    atomic_write_bytes(patched, data)
+    log(f"patch-based inference: stem pair in {summary['strips']} strips, {summary['star_chains']} star chain(s) "
+        f"in {summary['star_strips']}; arena {before['total']:,} -> {arena['total']:,} B (TFLM x86): {patched.name}")
+    pixels, _, _ = evaluation_pixels(facts, config.test_images, max(8, min(config.eval_samples, 32)))
+    x = input_tensor(facts, pixels)
+    timeout = micro_timeout_s(model, len(x))
+    same = np.array_equal(run_micro(model, x, arena_size=64 << 20, timeout_s=timeout),
+                          run_micro(patched, x, arena_size=64 << 20, timeout_s=timeout))
+    if not same:
+        raise StageError(f"the patched model does not compute what {model.name} computes (TFLite Micro, "
+                         f"{len(x)} images): not using it")
+    info = {**summary, "model": str(patched), "arena_before": before, "arena_after": arena,
+            "parity": {"images": len(x), "bit_exact": True, "runtime": "tflite-micro x86 interpreter"}}
+    return patched, model_facts(patched), info
 
 
 def _build_and_run(model: Path, facts: ModelFacts, sources: dict, board, config: FirmwareConfig, tflm_root: Path,

@@ -76,7 +76,7 @@ KERNEL_STEMS = {
     "MUL": ("mul", "mul_common"), "PAD": ("pad", "pad_common"), "PADV2": ("pad", "pad_common"),
     "QUANTIZE": ("quantize", "quantize_common"), "RELU": ("activations", "activations_common"),
     "RELU6": ("activations", "activations_common"), "RESHAPE": ("reshape", "reshape_common"),
-    "REVERSE_V2": ("reverse",), "SOFTMAX": ("softmax", "softmax_common"), "SQUEEZE": ("squeeze",),
+    "REVERSE_V2": ("reverse",), "SLICE": ("slice",), "SOFTMAX": ("softmax", "softmax_common"), "SQUEEZE": ("squeeze",),
     "STRIDED_SLICE": ("strided_slice", "strided_slice_common"), "SUB": ("sub", "sub_common"),
     "SUM": ("reduce", "reduce_common"), "TRANSPOSE": ("transpose", "transpose_common"),
     "CUSTOM:ethos-u": ("ethosu",),
