@@ -426,7 +426,10 @@ def firmware(path, board, out, family, test_images, rotation, patches, build, tf
     click.echo(f"compiled-in test image {t['source']}: host LiteRT top-1 {t['host_top1']} ({t['host_top1_name']})"
                + (f", label {t['label']} ({t['label_name']})" if t["label"] >= 0 else ""))
     p = result["patches"]
-    if p:
+    if p and not p["applied"]:
+        click.echo(f"patch-based inference: no gain for this model (best {p['arena_after']['total']:,} B vs "
+                   f"{p['arena_before']['total']:,} B whole, TFLM x86): the graph stays whole")
+    elif p:
         click.echo(f"patch-based inference: stem pair in {p['strips']} strips, {p['star_chains']} star chain(s) in "
                    f"{p['star_strips'] or 'none (whole)'}; TFLM x86 arena {p['arena_before']['total']:,} -> "
                    f"{p['arena_after']['total']:,} B; {p['extra_macs']:,} extra MACs (halo rows); outputs "
@@ -444,6 +447,17 @@ def firmware(path, board, out, family, test_images, rotation, patches, build, tf
                    f"(arena, data, {b['heap_bytes'] // 1024} KiB heap, {b['stack_bytes'] // 1024} KiB stack); "
                    f"{b['note']}")
     click.echo(result["verdict_text"])
+    s = result.get("suggestion")
+    if s:
+        m, e, same = s["measured"], s["estimated"], s["estimated_same_variant"]
+        if m:
+            click.echo(f"  fits (measured, your runs): {m['variant']} at {m['img_size']} px, {m['model_bytes']:,} B, "
+                       f"arena {m['arena_bytes']:,} B ({m['model']})")
+        click.echo("  largest that fits (ESTIMATE, not measured): "
+                   + (f"{e['variant']} at {e['img_size']} px (~{e['model_bytes']:,} B, arena ~{e['arena_bytes']:,} B)"
+                      if e else "no StarNet variant at 32-224 px")
+                   + (f"; {same['variant']} up to {same['img_size']} px" if same else
+                      f"; no size of {s['variant']} fits"))
     click.echo(f"wrote {len(result['files'])} files to {result['out']}: {', '.join(result['files'])}")
     q = result["qemu"]
     if q:

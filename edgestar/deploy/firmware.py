@@ -519,10 +519,30 @@ def firmware(path, config: FirmwareConfig, *, log=None) -> dict:
     fit = verdict(board, model_bytes=len(facts.data), arena_bytes=result["arena"]["reserve"],
                   code_bytes_estimate=result["build"]["code_bytes"] if result["build"] else None)
     result["verdict"], result["verdict_text"] = fit, format_verdict(fit)
+    result["suggestion"] = None if fit["fits"] else _suggestion(board, model, facts, patches["arena_before"]
+                                                                if patches else arena, log)
     if result["build"]:
         result["verdict_text"] = result["verdict_text"].replace(
             f"code {result['build']['code_bytes']:,} B", f"code {result['build']['code_bytes']:,} B (in the ELF)")
     return result
+
+
+def _suggestion(board, model: Path, facts: ModelFacts, arena: dict, log) -> dict | None:
+    """The largest variant and input size that would fit (edgestar.deploy.fit), or None when
+    the model carries no edgestar metadata to scale from."""
+    from edgestar.convert.tflite_file import read_metadata
+    from edgestar.deploy.fit import measured_candidates, suggest
+    from edgestar.models.registry import VARIANTS
+
+    meta = read_metadata(facts.data) or {}
+    size = (facts.preprocessing or {}).get("img_size")
+    if meta.get("variant") not in VARIANTS or not size:
+        return None
+    base = {"variant": meta["variant"], "img_size": int(size), "model_bytes": len(facts.data),
+            "head": arena["head"], "tail": arena["tail"], "num_classes": int(np.prod(facts.output_shape[1:])),
+            "rotated": "REVERSE_V2" in facts.ops}
+    measured = measured_candidates(model, log=log) if (model.parent / "manifest.json").is_file() else []
+    return suggest(board, base=base, measured=measured)
 
 
 PATCH_GRID = [(stem, star) for stem in (4, 6, 8, 10) for star in (0, 2, 3, 4)]
@@ -564,6 +584,10 @@ def patched_model(model: Path, facts: ModelFacts, out: Path, config: FirmwareCon
             if best is None or arena["total"] < best[2]["total"]:
                 best = (data, summary, arena)
     data, summary, arena = best
+    if config.patches == "auto" and arena["total"] >= before["total"]:
+        log(f"patch-based inference does not lower this model's arena (best {arena['total']:,} B with "
+            f"{summary['strips']},{summary['star_strips']} strips vs {before['total']:,} B): keeping the graph whole")
+        return model, facts, {**summary, "applied": False, "arena_before": before, "arena_after": arena}
     patched = out / f"{model.stem}_patched.tflite"
     atomic_write_bytes(patched, data)
     log(f"patch-based inference: stem pair in {summary['strips']} strips, {summary['star_chains']} star chain(s) "
@@ -576,7 +600,7 @@ def patched_model(model: Path, facts: ModelFacts, out: Path, config: FirmwareCon
     if not same:
         raise StageError(f"the patched model does not compute what {model.name} computes (TFLite Micro, "
                          f"{len(x)} images): not using it")
-    info = {**summary, "model": str(patched), "arena_before": before, "arena_after": arena,
+    info = {**summary, "applied": True, "model": str(patched), "arena_before": before, "arena_after": arena,
             "parity": {"images": len(x), "bit_exact": True, "runtime": "tflite-micro x86 interpreter"}}
     return patched, model_facts(patched), info
 
