@@ -423,7 +423,7 @@ def firmware(path, board, out, family, test_images, rotation, patches, build, tf
     elif result["rotation"] == "app":
         click.echo("rotation: the application feeds the pixels rotated by 180 degrees (see model_info.h)")
     t = result["test_image"]
-    click.echo(f"compiled-in test image {t['source']}: host LiteRT top-1 {t['host_top1']} ({t['host_top1_name']})"
+    click.echo(f"compiled-in test image {t['source']}: host top-1 (LiteRT reference kernels) {t['host_top1']} ({t['host_top1_name']})"
                + (f", label {t['label']} ({t['label_name']})" if t["label"] >= 0 else ""))
     p = result["patches"]
     if p and not p["applied"]:
@@ -434,6 +434,11 @@ def firmware(path, board, out, family, test_images, rotation, patches, build, tf
                    f"{p['star_strips'] or 'none (whole)'}; TFLM x86 arena {p['arena_before']['total']:,} -> "
                    f"{p['arena_after']['total']:,} B; {p['extra_macs']:,} extra MACs (halo rows); outputs "
                    f"bit-exact with the unpatched model on {p['parity']['images']} images")
+    h = result["host_check"]
+    click.echo("TFLite Micro vs LiteRT reference kernels: "
+               + (f"bit-exact on all {h['images']} images" if h["bit_exact"] else
+                  f"NOT bit-exact: {h['bit_exact_images']} of {h['images']} images equal, up to "
+                  f"{h['max_abs_diff_lsb']} LSB apart, top-1 agreement {h['top1_agreement']:.0%}"))
     if arena["reserve_from"] == "firmware":
         click.echo(f"arena used inside the firmware: {arena['firmware_used']:,} B; reserved {arena['reserve']:,} B "
                    f"(+{arena['margin']}) in model_info.h")

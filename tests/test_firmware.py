@@ -268,6 +268,11 @@ def test_firmware_runs_on_an_emulated_cortex_m55_bit_exact(micro_run, tmp_path, 
     assert app["patches"]["strips"] == 4 and app["ops"]["SLICE"] > 0 and app["patches"]["parity"]["bit_exact"]
     assert "InputRotate180 = true;" in (tmp_path / "app" / f"{app['name']}_model_info.h").read_text()
     assert app["qemu"]["bit_exact"] and app["qemu"]["outputs_sha256"] == q["outputs_sha256"]
+    # TFLite Micro against LiteRT's reference kernels: reported; bit-exact on the demo S1, but on
+    # this random S050 with 1000 classes 2 of 4 images differ by 1 LSB, in FULLY_CONNECTED (traced
+    # tensor by tensor: every op before the 1000-class head is equal)
+    for check in (result["host_check"], app["host_check"]):
+        assert check["images"] == 4 and check["max_abs_diff_lsb"] <= 2 and check["top1_agreement"] >= 0.75
 
 
 @pytest.mark.e2e

@@ -384,6 +384,47 @@ def host_reference(model: Path, facts: ModelFacts, pixels: np.ndarray) -> np.nda
     return y.reshape(len(x), -1)
 
 
+def litert_reference(model: Path, x: np.ndarray) -> np.ndarray:
+    """LiteRT's reference kernels (``BUILTIN_REF``) on int8 inputs ``x``. ai-edge-litert 2.1's
+    BUILTIN_REF registers REVERSE_V2 only up to version 2 (int8 versions 2 and 3 compute the
+    same), so it runs a copy that declares version 2."""
+    import tempfile
+
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from edgestar.convert.tflite_file import flatbuffer_schema, pack_model
+    from edgestar.evaluate.runners import without_litert_banner
+
+    s = flatbuffer_schema()
+    data = Path(model).read_bytes()
+    obj = s.ModelT.InitFromObj(s.Model.GetRootAs(data, 0))
+    for code in obj.operatorCodes:
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == s.BuiltinOperator.REVERSE_V2:
+            code.version = min(code.version, 2)
+    with tempfile.TemporaryDirectory(prefix="edgestar-ref-") as tmp:
+        copy = Path(tmp) / "model.tflite"
+        copy.write_bytes(pack_model(obj, size_hint=len(data)))
+        with without_litert_banner():
+            interp = Interpreter(model_path=str(copy), experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
+            interp.allocate_tensors()
+        inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+        outputs = []
+        for i in range(len(x)):
+            interp.set_tensor(inp["index"], x[i:i + 1])
+            interp.invoke()
+            outputs.append(interp.get_tensor(out["index"]).reshape(-1).copy())
+    return np.stack(outputs)
+
+
+def host_check(model: Path, facts: ModelFacts, pixels: np.ndarray, micro: np.ndarray) -> dict:
+    """TFLite Micro's outputs (``micro``) against LiteRT's reference kernels on the same inputs."""
+    ref = litert_reference(model, input_tensor(facts, pixels)).astype(np.int16)
+    diff = np.abs(micro.astype(np.int16) - ref).max(axis=1)
+    return {"images": len(diff), "bit_exact_images": int((diff == 0).sum()), "bit_exact": bool((diff == 0).all()),
+            "max_abs_diff_lsb": int(diff.max()), "top1_agreement": float((micro.argmax(1) == ref.argmax(1)).mean()),
+            "runtimes": "tflite-micro x86 interpreter vs ai-edge-litert BUILTIN_REF kernels"}
+
+
 def compare_outputs(ran, reference: np.ndarray, labels, facts: ModelFacts) -> dict:
     """What the firmware computed on QEMU against the host reference, as a JSON-able dict."""
     got = ran.outputs.astype(np.int16)
@@ -410,16 +451,12 @@ def compare_outputs(ran, reference: np.ndarray, labels, facts: ModelFacts) -> di
 
 def test_image(facts: ModelFacts, model: Path, source: str = "demo", *, seed: int = 0) -> dict:
     """One evaluation image for the example app, resized and cropped as the app would, and the
-    class the host's LiteRT run chooses on exactly the int8 input the firmware computes."""
-    from edgestar.evaluate.runners import TFLiteRunner
-
+    class LiteRT's reference kernels (which TFLite Micro matches bit for bit) choose on exactly
+    the int8 input the firmware computes."""
     if not facts.preprocessing:
         raise InputError(f"{model} carries no preprocessing metadata (not made by edgestar)")
     pixels, labels, paths = evaluation_pixels(facts, source, 1, seed=seed)
-    host = TFLiteRunner(model)
-    host.interpreter.set_tensor(host.inp["index"], input_tensor(facts, pixels))
-    host.interpreter.invoke()
-    top1 = int(host.interpreter.get_tensor(host.out["index"]).argmax())
+    top1 = int(litert_reference(model, input_tensor(facts, pixels))[0].argmax())
     names = facts.class_names
     name = (lambda i: names[i] if names and 0 <= i < len(names) else None)  # noqa: E731
     label = int(labels[0]) if labels is not None else -1
@@ -514,8 +551,13 @@ def firmware(path, config: FirmwareConfig, *, log=None) -> dict:
         "build": None, "qemu": None,
         "test_image": {k: v for k, v in image.items() if k != "pixels"},
     }
+    pixels, labels, _ = evaluation_pixels(facts, config.test_images, config.eval_samples)
+    log(f"comparing TFLite Micro with LiteRT's reference kernels on {len(pixels)} images")
+    reference = host_reference(model, facts, pixels)
+    result["host_check"] = host_check(model, facts, pixels, reference)
     if build:
-        result.update(_build_and_run(model, facts, sources, board, config, Path(tflm_root), result["arena"], log))
+        result.update(_build_and_run(model, facts, sources, board, config, Path(tflm_root), result["arena"],
+                                     (pixels, labels, reference), log))
     fit = verdict(board, model_bytes=len(facts.data), arena_bytes=result["arena"]["reserve"],
                   code_bytes_estimate=result["build"]["code_bytes"] if result["build"] else None)
     result["verdict"], result["verdict_text"] = fit, format_verdict(fit)
@@ -606,7 +648,7 @@ def patched_model(model: Path, facts: ModelFacts, out: Path, config: FirmwareCon
 
 
 def _build_and_run(model: Path, facts: ModelFacts, sources: dict, board, config: FirmwareConfig, tflm_root: Path,
-                   arena: dict, log) -> dict:
+                   arena: dict, evaluation: tuple, log) -> dict:
     """``--build``: compile for the board's core. ``--run qemu``: first run once with a generous
     arena to measure what the firmware really uses, then regenerate with that (plus the margin)
     reserved, rebuild, and run the evaluation images on exactly the firmware the user gets."""
@@ -616,9 +658,8 @@ def _build_and_run(model: Path, facts: ModelFacts, sources: dict, board, config:
         return build(sources["out"], facts.name, facts.ops, cpu=board.core, tflm_root=tflm_root,
                      kernels=config.kernels, log=log)
 
-    pixels = labels = None
+    pixels, labels, reference = evaluation
     if config.run == "qemu":
-        pixels, labels, _ = evaluation_pixels(facts, config.test_images, config.eval_samples)
         ram = MACHINES[board.core].ram[1]
         probe = min(max(2 * arena["reserve"], arena["reserve"] + (256 << 10)), ram - (64 << 10))
         generate(**sources, reserve=probe, basis=f"{probe:,} B (a probe build)")
@@ -640,7 +681,6 @@ def _build_and_run(model: Path, facts: ModelFacts, sources: dict, board, config:
         return result
     log(f"running {built.elf.name} on QEMU {built.machine} with {len(pixels)} images")
     ran = run_qemu(built.elf, board.core, pixels, timeout_s=120 + 30 * len(pixels))
-    reference = host_reference(model, facts, pixels)
     result["qemu"] = compare_outputs(ran, reference, labels, facts)
     return result
 
