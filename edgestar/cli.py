@@ -412,9 +412,9 @@ def firmware(path, board, out, family, test_images, rotation, patches, build, tf
         click.echo(json.dumps(result))
         return
     arena = result["arena"]
-    click.echo(f"{result['name']}: {result['model_bytes']:,} B of model, arena {arena['total']:,} B measured "
-               f"({arena['head']:,} activations + {arena['tail']:,} persistent), {arena['reserve']:,} B reserved "
-               f"(+{arena['margin']})")
+    click.echo(f"{result['name']}: {result['model_bytes']:,} B of model, arena {arena['total']:,} B measured by "
+               f"TFLite Micro's x86 interpreter ({arena['head']:,} activations + {arena['tail']:,} persistent)"
+               + (f", {arena['reserve']:,} B reserved (+{arena['margin']})" if arena["reserve_from"] == "host" else ""))
     click.echo(f"ops: {', '.join(f'{k} x{v}' for k, v in sorted(result['ops'].items()))}")
     if result["reverse_v2"]:
         click.echo("note: the graph uses REVERSE_V2 (edgestar's PAD-free rotation); TFLite Micro has it since "
@@ -423,7 +423,8 @@ def firmware(path, board, out, family, test_images, rotation, patches, build, tf
     elif result["rotation"] == "app":
         click.echo("rotation: the application feeds the pixels rotated by 180 degrees (see model_info.h)")
     t = result["test_image"]
-    click.echo(f"compiled-in test image {t['source']}: host top-1 (LiteRT reference kernels) {t['host_top1']} ({t['host_top1_name']})"
+    named = f" ({t['host_top1_name']})" if t["host_top1_name"] else ""
+    click.echo(f"compiled-in test image {t['source']}: host top-1 (LiteRT reference kernels) {t['host_top1']}{named}"
                + (f", label {t['label']} ({t['label_name']})" if t["label"] >= 0 else ""))
     p = result["patches"]
     if p and not p["applied"]:
