@@ -13,8 +13,12 @@ Generated into ``--out`` (names derive from the model file, e.g. ``starnet_s1_32
 
 The arena is measured by running the model in TFLite Micro's own interpreter (``tflite-micro``
 on PyPI, x86-64) in a child process: its recording allocator reports what the model allocated.
-A Cortex-M build differs by a few hundred bytes (CMSIS-NN kernels keep scratch buffers), hence
-the margin.
+A CMSIS-NN build can need more (scratch buffers): with ``run="qemu"`` the arena is measured
+inside the firmware (:mod:`edgestar.deploy.firmware_build`) and the reserve rests on that.
+
+Every run also compares TFLite Micro's outputs with LiteRT's reference kernels on evaluation
+images. Two exact rewrites of the INT8 file are offered: ``rotation="app"``
+(:func:`without_input_rotation`) and ``patches`` (:mod:`edgestar.convert.patches`).
 """
 from __future__ import annotations
 
@@ -477,7 +481,7 @@ class FirmwareConfig:
     kernels: str = "cmsis_nn"  # or reference
     run: str | None = None  # "qemu": run the build on QEMU's emulated board for the core
     patches: str = "none"  # none, auto, or STEM[,STAR] strips of patch-based inference (convert/patches.py)
-    eval_samples: int = 20  # images --run feeds the firmware
+    eval_samples: int = 20  # evaluation images: TFLM vs LiteRT, and what --run feeds the firmware
 
 
 def firmware(path, config: FirmwareConfig, *, log=None) -> dict:
@@ -530,6 +534,8 @@ def firmware(path, config: FirmwareConfig, *, log=None) -> dict:
         atomic_write_bytes(rotated, without_input_rotation(facts.data))
         log(f"moved the input rotation (REVERSE_V2) into the application: {rotated.name}")
         model, facts = rotated, model_facts(rotated)
+    elif config.rotation == "app" and rotation(facts) == "none":
+        log("the model has no input rotation (REVERSE_V2): the application feeds pixels in their normal order")
     patches = None
     if config.patches != "none":
         model, facts, patches = patched_model(model, facts, out, config, log)

@@ -4,10 +4,11 @@ emulated boards, feeding it evaluation images.
 
 - The TFLM library is built with the tree's own Makefile (``make -C TREE BUILD_DIR=… CPU=…
   KERNELS=…``), but only the objects the model needs: the interpreter core, the kernels of the
-  model's ops and the CMSIS-NN sources (about 190 of 315 objects; 8 instead of 15 minutes on a
-  busy 2-core machine). Libraries are cached under ``$EDGESTAR_CACHE/tflm/`` keyed by the tree,
-  the CPU, the kernels, the flags and the object list. If the link still misses a symbol, the
-  whole library is built and the link retried.
+  model's ops and the CMSIS-NN sources (168 of 315 objects for StarNet: 125 s on 2 idle cores,
+  where facts.md measured ~5 min for the whole library). Objects are cached under
+  ``$EDGESTAR_CACHE/tflm/<cpu>-<kernels>-<tree>/``, where make compiles only what is missing, and
+  each object set gets its own archive. If the link still misses a symbol, the whole library is
+  built and the link retried.
 - The application is compiled with the flags ``make print-flags`` reports (a mismatch in
   ``TF_LITE_STATIC_MEMORY``/``CMSIS_NN`` breaks the ABI silently), linked with a start-up file
   and a linker script for the emulated machine of the core, and measured with
