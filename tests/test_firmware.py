@@ -330,3 +330,15 @@ def test_patch_based_first_layers_compute_exactly_the_same(micro_run, tmp_path):
             patch_first_layers(data, strips=2)
     with pytest.raises(InputError, match="2 to 10 strips"):
         patch_first_layers(model.read_bytes(), strips=11)
+
+
+@pytest.mark.e2e
+@needs_tools
+def test_analytic_macs_equal_the_converted_models(micro_run):
+    """edgestar.deploy.fit.macs (the report's MACs, from the architecture alone) counts what
+    multiply_accumulates() reads from the converted INT8 graph."""
+    from edgestar.deploy.fit import macs
+    from edgestar.evaluate.runners import multiply_accumulates
+    from edgestar.models.registry import VARIANTS
+
+    assert macs(VARIANTS["s050"], 32, 1000) == multiply_accumulates(micro_run / "starnet_s050_32_int8.tflite")

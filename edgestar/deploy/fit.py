@@ -43,6 +43,22 @@ def per_channel_outputs(spec: VariantSpec, num_classes: int) -> int:
     return total + num_classes
 
 
+def macs(spec: VariantSpec, size: int, num_classes: int) -> int:
+    """Multiply-accumulates of one inference (convs and the head; the star's MUL and the adds are
+    elementwise and not counted)."""
+    h = size // 2
+    total = h * h * STEM_CHANNELS * 3 * 9
+    cin = STEM_CHANNELS
+    for i, depth in enumerate(spec.depths):
+        h //= 2
+        dim = spec.base_dim * 2 ** i
+        hidden = spec.mlp_ratio * dim
+        total += h * h * dim * cin * 9
+        total += depth * h * h * (2 * dim * 49 + 3 * hidden * dim)
+        cin = dim
+    return total + cin * num_classes
+
+
 def activation_peak(spec: VariantSpec, size: int, *, rotated: bool = True) -> int:
     """The largest sum of int8 maps alive at once, op by op (input, stem, each downsampling conv,
     each block's dwconv, f1/f2, star, g, dwconv2, residual add)."""

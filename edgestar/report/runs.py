@@ -1,0 +1,148 @@
+"""Rows of an accuracy-vs-size report, read from run manifests alone (no model is run), and the
+Pareto front of accuracy against size or latency.
+
+One row per (run, precision): every ``tflite_<format>`` artifact of a run is a row (``int8`` of
+a QAT run is ``int8-qat``). A failed run is one row saying which stage failed and why. Missing
+figures are None (rendered as "—"), never 0.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgestar.errors import InputError
+
+SUPPORTED_MANIFEST_VERSIONS = (1,)
+PRECISION_ORDER = ("fp32", "fp16", "dynamic", "int8", "int8-qat", "mixed")
+
+
+def find_runs(paths) -> list[Path]:
+    """Run directories: each path is one (it holds ``manifest.json``) or a folder searched
+    recursively. Hidden folders (``.incomplete``) are skipped. Sorted, without duplicates."""
+    found = set()
+    for p in map(Path, paths):
+        if not p.exists():
+            raise InputError(f"{p} does not exist")
+        if (p / "manifest.json").is_file():
+            found.add(p.resolve())
+        elif p.is_dir():
+            for m in p.rglob("manifest.json"):
+                if not any(part.startswith(".") for part in m.relative_to(p).parts[:-1]):
+                    found.add(m.parent.resolve())
+        else:
+            raise InputError(f"{p} is neither a run directory nor a folder of runs")
+    return sorted(found)
+
+
+def read_manifest(run: Path) -> dict:
+    """The manifest of ``run``; a corrupt one or one of another schema version raises InputError."""
+    path = Path(run) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path} cannot be read as JSON ({type(exc).__name__})") from None
+    if not isinstance(manifest, dict):
+        raise InputError(f"{path} is not a manifest (a JSON object)")
+    version = manifest.get("manifest_version")
+    if version not in SUPPORTED_MANIFEST_VERSIONS:
+        raise InputError(f"{path} has manifest_version {version!r}; this edgestar reads "
+                         f"{', '.join(map(str, SUPPORTED_MANIFEST_VERSIONS))}")
+    return manifest
+
+
+def _failed_stage(manifest: dict) -> tuple[str | None, str | None]:
+    for name, stage in (manifest.get("stages") or {}).items():
+        if isinstance(stage, dict) and stage.get("status") not in (None, "ok", "skipped"):
+            return name, stage.get("error") or stage.get("status")
+    return None, manifest.get("error")
+
+
+def _interval(top1, images):
+    from edgestar.evaluate.validate import proportion_interval
+
+    if top1 is None or not images:
+        return None
+    k = round(top1 * images)
+    return [round(v, 5) for v in proportion_interval(k, images)]
+
+
+def _macs(model: dict) -> int | None:
+    from edgestar.deploy.fit import macs
+    from edgestar.models.registry import VARIANTS
+
+    spec = VARIANTS.get(model.get("variant"))
+    if spec is None or not model.get("img_size") or not model.get("num_classes"):
+        return None
+    return macs(spec, int(model["img_size"]), int(model["num_classes"]))
+
+
+def _latency(manifest: dict, fmt: str):
+    """(host ms, [(device, ms)]) of the run's ``.tflite`` of format ``fmt`` from
+    ``device_latency`` (what ``edgestar bench`` stored): the fewest threads, then the first
+    kernels by name; "local" is the host. Vela estimates are not latencies and are skipped."""
+    host, devices = None, []
+    for device, entry in (manifest.get("device_latency") or {}).items():
+        if not isinstance(entry, dict) or not entry.get("measured", True):
+            continue
+        rows = [r for r in entry.get("rows", []) if r.get("format") == fmt
+                and str(r.get("model", "")).startswith("tflite") and r.get("median_ms") is not None]
+        if not rows:
+            continue
+        best = min(rows, key=lambda r: (r.get("threads") or 1, str(r.get("kernels"))))
+        if device == "local":
+            host = best["median_ms"]
+        else:
+            devices.append((device, best["median_ms"]))
+    return host, devices
+
+
+def rows_of(run: Path, manifest: dict) -> list[dict]:
+    """The report rows of one run (see the module docstring)."""
+    model = manifest.get("model") or {}
+    config = manifest.get("config") or {}
+    base = {"run": str(run), "variant": model.get("variant") or config.get("variant"),
+            "img_size": model.get("img_size") or config.get("img_size"), "num_classes": model.get("num_classes"),
+            "params": model.get("params"), "macs": _macs(model), "status": manifest.get("status"),
+            "target": config.get("target"), "weights": config.get("weights")}
+    if manifest.get("status") != "ok":
+        stage, why = _failed_stage(manifest)
+        return [{**base, "precision": None, "failed_stage": stage, "error": why}]
+    metrics = manifest.get("metrics") or {}
+    images = metrics.get("eval_images")
+    labelled = bool(metrics.get("eval_labelled"))
+    fp32_top1 = (metrics.get("torch_fp32") or {}).get("top1") if labelled else None
+    out = []
+    for key, art in (manifest.get("artifacts") or {}).items():
+        if not key.startswith("tflite_"):
+            continue
+        fmt = key.removeprefix("tflite_")
+        m = metrics.get(key) or {}
+        top1 = m.get("top1") if labelled else None
+        host, devices = _latency(manifest, fmt)
+        row = {**base, "precision": "int8-qat" if fmt == "int8" and config.get("qat") else fmt,
+               "artifact": art.get("path"), "bytes": art.get("bytes"),
+               "top1": top1, "top1_ci95": _interval(top1, images),
+               "top5": m.get("top5") if labelled else None, "top5_ci95": _interval(m.get("top5") if labelled else None,
+                                                                                   images),
+               "drop_pt": None if top1 is None or fp32_top1 is None else round((fp32_top1 - top1) * 100, 3),
+               "drop_ci95_pt": metrics.get("int8_top1_drop_ci95_pt") if fmt == "int8" else None,
+               "agreement": m.get("agreement"), "logit_sqnr_db": m.get("logit_sqnr_db"),
+               "images": images, "labelled": labelled,
+               "host_latency_ms": host, "device_latency_ms": devices,
+               "failed_stage": None, "error": None}
+        out.append(row)
+    return out
+
+
+def dominated(a: tuple, b: tuple) -> bool:
+    """Is point ``a`` = (cost, accuracy) dominated by ``b``: no costlier, no less accurate, and
+    strictly better in one?"""
+    return b[0] <= a[0] and b[1] >= a[1] and (b[0] < a[0] or b[1] > a[1])
+
+
+def pareto_front(points: list) -> list[int]:
+    """Indices of the (cost, accuracy) points no other point dominates, by increasing cost.
+    Points with a None coordinate are never on it; identical points are all on it."""
+    valid = [(i, p) for i, p in enumerate(points) if p[0] is not None and p[1] is not None]
+    front = [i for i, p in valid if not any(dominated(p, q) for _, q in valid)]
+    return sorted(front, key=lambda i: (points[i][0], -points[i][1], i))
