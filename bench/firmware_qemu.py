@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from naive_vs_edgestar import make_checkpoint, naive_route  # noqa: E402
+from naive_vs_edgestar import make_checkpoint, naive_int8  # noqa: E402
 
-from edgestar import QuantizeConfig, build_model, calibration_inputs, quantize  # noqa: E402
+from edgestar import QuantizeConfig, quantize  # noqa: E402
 from edgestar.deploy import firmware as fw  # noqa: E402
 from edgestar.deploy.firmware_build import build, run_qemu  # noqa: E402
 from edgestar.evaluate.runners import multiply_accumulates  # noqa: E402
@@ -49,12 +49,7 @@ def models_for(variant: str, img_size: int, work: Path) -> dict[str, Path]:
                                      calib_samples=CALIB_SAMPLES, eval_samples=EVAL_SAMPLES,
                                      target="micro", out=work / "edgestar-micro"))
     models = {"edgestar micro": result.out / result.manifest["artifacts"]["tflite_int8"]["path"]}
-    model, _ = build_model(variant, weights)
-    calib, _ = calibration_inputs("demo", pre, samples=20)
-    naive = naive_route(model, pre, calib, work / "naive")
-    if naive["returncode"] != 0 or not naive["int8"].exists():
-        sys.exit(f"the naive route failed for {variant} at {img_size} px: {naive['error']}")
-    models["naive"] = naive["int8"]
+    models["naive"] = naive_int8(variant, weights, pre, work / "naive")
     return models
 
 

@@ -100,6 +100,17 @@ def naive_route(model, pre: Preprocessing, calib: np.ndarray, work: Path) -> dic
             "int8": work / "out" / "naive_full_integer_quant.tflite", **stats}
 
 
+def naive_int8(variant: str, weights: str, pre: Preprocessing, work: Path) -> Path:
+    """The naive route's full-integer INT8 model of a checkpoint (20 demo calibration images);
+    exits with the converter's error when it fails."""
+    model, _ = build_model(variant, weights)
+    calib, _ = calibration_inputs("demo", pre, samples=20)
+    naive = naive_route(model, pre, calib, work)
+    if naive["returncode"] != 0 or not naive["int8"].exists():
+        sys.exit(f"the naive route failed for {variant} at {pre.img_size} px: {naive['error']}")
+    return naive["int8"]
+
+
 def edgestar_route(weights: str, args, calib_npy: Path, out: Path) -> dict:
     cmd = [str(BIN / "edgestar"), "quantize", "--variant", args.variant, "--weights", weights,
            "--img-size", str(args.img_size), "--calib", str(calib_npy), "--calib-samples", "200",

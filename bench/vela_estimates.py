@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from naive_vs_edgestar import make_checkpoint, naive_route  # noqa: E402
+from naive_vs_edgestar import make_checkpoint, naive_int8  # noqa: E402
 
-from edgestar import QuantizeConfig, build_model, calibration_inputs, op_counts, quantize  # noqa: E402
+from edgestar import QuantizeConfig, op_counts, quantize  # noqa: E402
 from edgestar.deploy.vela import vela_estimate, vela_version  # noqa: E402
 
 GRAPHS = ("edgestar cpu", "edgestar micro", "naive")
@@ -46,12 +46,7 @@ def build_models(variant: str, img_size: int, work: Path) -> dict[str, Path]:
                                          calib_samples=CALIB_SAMPLES, eval_samples=EVAL_SAMPLES,
                                          target=target, out=work / f"edgestar-{target}"))
         models[f"edgestar {target}"] = result.out / result.manifest["artifacts"]["tflite_int8"]["path"]
-    model, _ = build_model(variant, weights)
-    calib, _ = calibration_inputs("demo", pre, samples=20)
-    naive = naive_route(model, pre, calib, work / "naive")
-    if naive["returncode"] != 0 or not naive["int8"].exists():
-        sys.exit(f"the naive route failed for {variant} at {img_size} px: {naive['error']}")
-    models["naive"] = naive["int8"]
+    models["naive"] = naive_int8(variant, weights, pre, work / "naive")
     return models
 
 
