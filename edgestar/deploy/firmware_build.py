@@ -178,7 +178,7 @@ def tflm_library(root: Path, *, cpu: str, kernels: str, ops, full: bool = False,
     build_dir = ensure_writable_dir(cache_root()) / f"{cpu}-{kernels}-{tree}"
     objects = hashlib.sha256("\n".join(sources).encode()).hexdigest()[:12] if sources else ""
     lib = build_dir / (f"libtflm-{objects}.a" if sources else "libtflm.a")
-    if lib.is_file():
+    if sources and lib.is_file():  # archives are renamed into place whole; the full one is make's, so ask make
         return lib, True
     what = "all objects" if full else f"{len(sources)} objects for {', '.join(sorted(ops))}"
     log(f"building TFLite Micro for {cpu} ({kernels} kernels, {what}) in {build_dir}; cached afterwards")
