@@ -540,8 +540,11 @@ def firmware(path, config: FirmwareConfig, *, log=None) -> dict:
     if config.patches != "none":
         model, facts, patches = patched_model(model, facts, out, config, log)
     facts.name = name  # the C identifiers stay the model's, whatever was rewritten
-    log(f"measuring the arena of {model.name} in TFLite Micro's interpreter")
-    arena = measure_arena(model)
+    if patches:  # measured while choosing: the model kept is the patched one, or the whole one
+        arena = patches["arena_after"] if patches["applied"] else patches["arena_before"]
+    else:
+        log(f"measuring the arena of {model.name} in TFLite Micro's interpreter")
+        arena = measure_arena(model)
     image = test_image(facts, model, config.test_images)
     family = config.family or ("esp32" if board.family == "esp32" else "arm-cortex-m")
     sources = dict(facts=facts, arena=arena, out=out, test_image=image, family=family, harness=build)

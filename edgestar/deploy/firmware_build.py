@@ -145,13 +145,13 @@ def _tree_fingerprint(root: Path) -> str:
     return h.hexdigest()
 
 
-def make_vars(root: Path, cpu: str, kernels: str, build_dir: Path) -> list[str]:
+def make_vars(cpu: str, kernels: str, build_dir: Path) -> list[str]:
     return [f"BUILD_DIR={build_dir}", f"CPU={cpu}", f"KERNELS={kernels}"]
 
 
 def print_flags(root: Path, cpu: str, kernels: str, build_dir: Path) -> dict:
     """``make print-flags``: the CXXFLAGS, CCFLAGS and INCLUDES the application must share."""
-    proc = subprocess.run(["make", "-s", "-C", str(root), *make_vars(root, cpu, kernels, build_dir), "print-flags"],
+    proc = subprocess.run(["make", "-s", "-C", str(root), *make_vars(cpu, kernels, build_dir), "print-flags"],
                           capture_output=True, text=True, timeout=120)
     flags = dict(re.findall(r"^(CXXFLAGS|CCFLAGS|INCLUDES|LIB): (.*)$", proc.stdout, re.M))
     if proc.returncode != 0 or "CXXFLAGS" not in flags:
@@ -185,7 +185,7 @@ def tflm_library(root: Path, *, cpu: str, kernels: str, ops, full: bool = False,
     jobs = jobs or max(1, os.cpu_count() or 1)
     targets = [] if full else [str(build_dir / "obj" / re.sub(r"\.cc?$", ".o", s)) for s in sources]
     t0 = time.monotonic()
-    proc = subprocess.run(["make", "-C", str(root), f"-j{jobs}", *make_vars(root, cpu, kernels, build_dir),
+    proc = subprocess.run(["make", "-C", str(root), f"-j{jobs}", *make_vars(cpu, kernels, build_dir),
                            *(targets or ["lib"])], capture_output=True, text=True)
     if proc.returncode != 0:
         raise StageError(f"building TFLite Micro failed: {last_line(proc.stderr, proc.stdout)}")
