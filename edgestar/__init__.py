@@ -14,7 +14,7 @@ The package reads top-down in the order data flows:
 ``convert``   ONNX -> TFLite: client, TensorFlow worker, the ``.tflite`` file
 ``quant``     INT8 ranges, PTQ techniques, QAT, the per-tensor error table, float fallback
 ``evaluate``  one runner per engine and the shared validator
-``pipeline``  the commands' stages over a run directory (``quantize``, ``train``)
+``pipeline``  the commands' stages over a run directory (``quantize``, ``train``, ``sweep``)
 ``report``    reports rendered from manifests alone
 ``deploy``    deployment to devices (``bench``, ``firmware``)
 
@@ -41,6 +41,15 @@ _API = {
     # train
     "train": "edgestar.pipeline.train",
     "TrainConfig": "edgestar.pipeline.train",
+    # sweep and report
+    "sweep": "edgestar.pipeline.sweep",
+    "SweepConfig": "edgestar.pipeline.sweep",
+    "SweepResult": "edgestar.pipeline.sweep",
+    "report": "edgestar.report.build",
+    "Report": "edgestar.report.build",
+    # firmware
+    "firmware": "edgestar.deploy.firmware",
+    "FirmwareConfig": "edgestar.deploy.firmware",
     # bench
     "bench": "edgestar.deploy.bench",
     "BenchConfig": "edgestar.deploy.bench",

@@ -16,6 +16,8 @@ from edgestar.deploy.devices import KERNELS
 from edgestar.errors import EdgestarError
 from edgestar.models.registry import DOWNSAMPLE_FACTOR, VARIANTS
 from edgestar.pipeline.config import CALIBRATORS, EXTRA_FORMATS, FALLBACKS, IO_TYPES, PTQ_TECHNIQUES, TARGETS
+from edgestar.pipeline.sweep import PRECISIONS as SWEEP_PRECISIONS
+from edgestar.report.build import FORMATS as REPORT_FORMATS
 
 
 class ImageSize(click.ParamType):
@@ -479,6 +481,131 @@ def firmware(path, board, out, family, test_images, rotation, patches, build, tf
         if not q["bit_exact"]:
             click.echo("WARNING: the firmware does not compute what the host's reference kernels compute")
 
+
+class NameList(click.ParamType):
+    """Comma-separated names (checked by the library), e.g. board names."""
+
+    name = "LIST"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        items = tuple(dict.fromkeys(v.strip() for v in str(value).split(",") if v.strip()))
+        if not items:
+            self.fail(f"{value!r} names nothing", param, ctx)
+        return items
+
+
+class SizeList(click.ParamType):
+    """Comma-separated input sizes, e.g. ``32,64``."""
+
+    name = "LIST"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        return tuple(dict.fromkeys(ImageSize().convert(v.strip(), param, ctx) for v in str(value).split(",")))
+
+
+@cli.command()
+@click.option("--variants", type=ChoiceList(VARIANTS), required=True, metavar="s050,s100,...",
+              help="StarNet variants, comma-separated.")
+@click.option("--precisions", type=ChoiceList(SWEEP_PRECISIONS), default=",".join(SWEEP_PRECISIONS),
+              show_default=True, metavar="LIST",
+              help="fp32, fp16, dynamic and int8 come from one conversion per variant and size; int8-qat "
+                   "is a second run with quantization-aware training.")
+@click.option("--img-size", "img_sizes", type=SizeList(), default="32", show_default=True, metavar="32[,64]",
+              help="Input sizes, multiples of 32.")
+@click.option("--weights", default="demo", show_default=True, metavar="demo|official|none|DIR",
+              help="demo: the shipped CIFAR-10 checkpoints; DIR: a folder with one checkpoint per variant, "
+                   "the variant a word of its name (starnet_s1_cifar10.pt).")
+@click.option("--calib", default="demo", show_default=True, metavar="DIR|FILE.npy|demo|distilled")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--eval", "eval_", default=None, metavar="DIR|demo",
+              help="Labelled evaluation folder [default: the demo set].")
+@click.option("--eval-samples", type=click.IntRange(min=1), default=None)
+@click.option("--labels", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Label file for a flat --eval folder (as in quantize).")
+@click.option("--target", type=click.Choice(list(TARGETS)), default="cpu", show_default=True,
+              help="Graph shape, as in quantize.")
+@click.option("--train", default=None, metavar="DIR|demo", help="Images for int8-qat [default: the --calib source].")
+@click.option("--qat-epochs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--qat-steps", type=click.IntRange(min=1), default=None)
+@click.option("--qat-lr", type=click.FloatRange(min=0, min_open=True), default=2e-5, show_default=True)
+@click.option("--qat-batch", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--bench", "bench_device", default=None, metavar="local|ssh://[user@]host[:port]",
+              help="Also time every model there with edgestar bench, all models in the same rounds.")
+@click.option("--bench-threads", type=IntList(), default="1", show_default=True, metavar="1[,4]",
+              help="Thread counts for --bench (0 = all cores); XNNPACK and LiteRT's builtin kernels both.")
+@click.option("--bench-runs", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--remote-python", default="python3", show_default=True, help="--bench ssh://: the board's Python.")
+@click.option("--firmware", "boards", type=NameList(), default=None, metavar="BOARD,...",
+              help="Also run edgestar firmware on every INT8 model for these boards: sources, the arena "
+                   "measured in TFLite Micro, and whether it fits.")
+@click.option("--format", "formats", type=ChoiceList(REPORT_FORMATS), default=",".join(REPORT_FORMATS),
+              show_default=True, metavar="LIST", help="Report files to write.")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Sweep folder: one run directory per combination, sweep.json and the report. Run the "
+                   "same command again to finish an interrupted sweep: complete runs are kept.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--unsafe-allow-pickle", is_flag=True,
+              help="Load checkpoints that need arbitrary pickled code. ONLY for files you trust.")
+@click.option("--json", "as_json", is_flag=True, help="Print the sweep's summary as one JSON object on stdout.")
+@quiet_option
+def sweep(variants, precisions, img_sizes, weights, calib, calib_samples, eval_, eval_samples, labels, target,
+          train, qat_epochs, qat_steps, qat_lr, qat_batch, bench_device, bench_threads, bench_runs, remote_python,
+          boards, formats, out, seed, unsafe_allow_pickle, as_json, quiet):
+    """Quantize every variant x size x precision, then write the accuracy-vs-size report."""
+    from edgestar import SweepConfig
+    from edgestar import sweep as run_sweep
+
+    config = SweepConfig(variants=variants, precisions=precisions, img_sizes=img_sizes, weights=weights,
+                         calib=calib, calib_samples=calib_samples, eval=eval_, eval_samples=eval_samples,
+                         labels=labels, target=target, train=train, qat_epochs=qat_epochs, qat_steps=qat_steps,
+                         qat_lr=qat_lr, qat_batch=qat_batch, bench=bench_device, bench_threads=bench_threads,
+                         bench_runs=bench_runs, remote_python=remote_python, firmware=boards or (),
+                         report_formats=formats, out=Path(out), seed=seed, allow_pickle=unsafe_allow_pickle)
+    log = (lambda *_: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    result = run_sweep(config, log=log, progress_factory=progress_factory(quiet))
+    kept = [c for c in result.combinations if c["reused"]]
+    lines = [f"{c['name']}: " + ("kept" if c["reused"] else c["status"])
+             + (f" ({c['seconds']:.0f} s)" if c.get("seconds") and not c["reused"] else "")
+             + (f" -- FAILED at {c.get('failed_stage')}: {c['error']}" if c["status"] not in ("ok", "failed_gate")
+                else "") for c in result.combinations]
+    lines.append(f"{len(result.combinations)} runs ({len(kept)} kept from before) in {result.seconds:.0f} s")
+    lines += [f"WARNING: {w}" for w in result.warnings]
+    lines.append(f"report: {', '.join(result.report_files)}")
+    for line in lines:
+        click.echo(line, err=as_json)
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+    if result.failed:
+        raise DomainError(f"{len(result.failed)} of {len(result.combinations)} combinations failed "
+                          f"({', '.join(c['name'] for c in result.failed)}); their rows in the report say why", 1)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, metavar="RUN_DIR|SWEEP_DIR...")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder for the report files [default: the one folder given, else ./report].")
+@click.option("--format", "formats", type=ChoiceList(REPORT_FORMATS), default=",".join(REPORT_FORMATS),
+              show_default=True, metavar="LIST", help="Files to write: md, csv, json, html, png.")
+@click.option("--precisions", type=ChoiceList(SWEEP_PRECISIONS + ("fp32-qat",)), default=None, metavar="LIST",
+              help="Only these precisions [default: a sweep folder's own, else all].")
+def report(paths, out, formats, precisions):
+    """Accuracy-vs-size report of run directories, from their manifests alone (nothing is re-run)."""
+    from edgestar.report.build import report as build_report
+
+    for p in paths:
+        if not Path(p).exists():
+            raise click.BadParameter(f"{p} does not exist", param_hint="PATHS")
+    if out is None:
+        out = paths[0] if len(paths) == 1 and Path(paths[0]).is_dir() else "report"
+    rep = build_report(list(paths), out=Path(out), formats=formats, precisions=precisions)
+    failed = [r for r in rep.rows if r.get("precision") is None]
+    click.echo(f"{len(rep.rows)} rows from {len(rep.runs)} runs" + (f" ({len(failed)} failed)" if failed else ""))
+    for f in rep.files:
+        click.echo(f"wrote {f}")
 
 if __name__ == "__main__":
     cli()

@@ -67,7 +67,7 @@ def test_rows_carry_size_accuracy_intervals_and_drop(tmp_path):
 
 def test_a_qat_run_is_int8_qat_and_a_failed_run_keeps_its_row(tmp_path):
     rows = rows_of(tmp_path / "q", read_manifest(write_run(tmp_path / "q", qat=True)))
-    assert {r["precision"] for r in rows} == {"fp32", "int8-qat"}
+    assert {r["precision"] for r in rows} == {"fp32-qat", "int8-qat"}  # fp32-qat: the fine-tuned float model
     failed = rows_of(tmp_path / "f", read_manifest(write_run(tmp_path / "f", fail_at="validate")))
     assert len(failed) == 1 and failed[0]["status"] == "failed"
     assert failed[0]["failed_stage"] == "validate" and "disagrees" in failed[0]["error"]
@@ -129,5 +129,5 @@ def test_latency_comes_from_what_bench_stored(tmp_path):
     atomic_write_json(run / "manifest.json", manifest)
     got = {r["precision"]: r for r in rows_of(run, read_manifest(run))}
     assert got["int8"]["host_latency_ms"] == 5.0  # one thread
-    assert got["int8"]["device_latency_ms"] == [("ssh://pi@board", 5.0)]
+    assert got["int8"]["device_latency_ms"] == [("ssh://pi@board", 5.0, "xnnpack")]
     assert got["fp32"]["host_latency_ms"] is None  # the ONNX Runtime row is not the .tflite's

@@ -27,6 +27,7 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -482,6 +483,7 @@ class FirmwareConfig:
     run: str | None = None  # "qemu": run the build on QEMU's emulated board for the core
     patches: str = "none"  # none, auto, or STEM[,STAR] strips of patch-based inference (convert/patches.py)
     eval_samples: int = 20  # evaluation images: TFLM vs LiteRT, and what --run feeds the firmware
+    record: bool = True  # given a run directory: store the summary in its manifest (``firmware``)
 
 
 def firmware(path, config: FirmwareConfig, *, log=None) -> dict:
@@ -518,6 +520,7 @@ def firmware(path, config: FirmwareConfig, *, log=None) -> dict:
                              "(have: " + ", ".join(f"{c} on {m.name}" for c, m in MACHINES.items())
                              + "); use --build for the sizes")
     path = Path(path)
+    run_dir = path if path.is_dir() else None
     if path.is_dir():
         models = [m for m in collect_models([path]) if m.kind == "tflite" and m.fmt == "int8"]
         if not models:
@@ -526,6 +529,7 @@ def firmware(path, config: FirmwareConfig, *, log=None) -> dict:
     else:
         model = path
     facts = model_facts(model)
+    facts_source = model
     name = facts.name
     out = Path(config.out) if config.out else model.parent / f"firmware-{board.name}"
     if config.rotation == "app" and rotation(facts) == "graph":
@@ -575,7 +579,41 @@ def firmware(path, config: FirmwareConfig, *, log=None) -> dict:
     if result["build"]:
         result["verdict_text"] = result["verdict_text"].replace(
             f"code {result['build']['code_bytes']:,} B", f"code {result['build']['code_bytes']:,} B (in the ELF)")
+    if run_dir is not None and config.record:
+        record(run_dir, result, source=facts_source)
     return result
+
+
+def record(run_dir: Path, result: dict, *, source: Path) -> None:
+    """Store the summary of a firmware result in the run's manifest under ``firmware.<board>``
+    (what ``edgestar report`` reads: arena, fit, sizes, emulated instructions), atomically."""
+    from edgestar.files import atomic_write_json
+    from edgestar.models.checkpoints import sha256_file
+    from edgestar.pipeline.rundir import MANIFEST, load_manifest
+
+    build, qemu, arena = result["build"], result["qemu"], result["arena"]
+    entry = {
+        "measured": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source_model": source.name, "source_sha256": sha256_file(source),
+        "model_bytes": result["model_bytes"], "rotation": result["rotation"],
+        "patches": ({"applied": result["patches"]["applied"], "strips": result["patches"].get("strips"),
+                     "star_strips": result["patches"].get("star_strips")} if result["patches"] else None),
+        "arena": {k: arena[k] for k in ("total", "head", "tail", "reserve", "reserve_from", "firmware_used")},
+        "fits": result["verdict"]["fits"], "reason": result["verdict"]["reason"],
+        "flash_used_bytes": result["verdict"]["flash"]["used_bytes"],
+        "code_bytes_is_default": result["verdict"]["flash"]["code_bytes_is_default"],
+        "host_check_bit_exact": result["host_check"]["bit_exact"],
+        "build": {k: build[k] for k in ("cpu", "kernels", "flash_bytes", "ram_bytes", "code_bytes")} if build else None,
+        "qemu": ({k: qemu[k] for k in ("machine", "instructions_median", "bit_exact", "arena_used_bytes")}
+                 if qemu else None),
+        "out": result["out"],
+    }
+    try:
+        manifest = load_manifest(run_dir)
+        manifest.setdefault("firmware", {})[result["board"]] = entry
+        atomic_write_json(Path(run_dir) / MANIFEST, manifest)
+    except OSError as exc:
+        raise InputError(f"cannot record the firmware result in {run_dir}: {exc.strerror}") from None
 
 
 def _suggestion(board, model: Path, facts: ModelFacts, arena: dict, log) -> dict | None:

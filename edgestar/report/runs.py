@@ -1,8 +1,8 @@
 """Rows of an accuracy-vs-size report, read from run manifests alone (no model is run), and the
 Pareto front of accuracy against size or latency.
 
-One row per (run, precision): every ``tflite_<format>`` artifact of a run is a row (``int8`` of
-a QAT run is ``int8-qat``). A failed run is one row saying which stage failed and why. Missing
+One row per (run, precision): every ``tflite_<format>`` artifact of a run is a row (a QAT run's
+are ``int8-qat``, and ``fp32-qat`` for the fine-tuned float model it also converts). A failed run is one row saying which stage failed and why. Missing
 figures are None (rendered as "—"), never 0.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from edgestar.errors import InputError
 
 SUPPORTED_MANIFEST_VERSIONS = (1,)
-PRECISION_ORDER = ("fp32", "fp16", "dynamic", "int8", "int8-qat", "mixed")
+PRECISION_ORDER = ("fp32", "fp16", "dynamic", "int8", "int8-qat", "fp32-qat", "mixed")
 
 
 def find_runs(paths) -> list[Path]:
@@ -50,7 +50,7 @@ def read_manifest(run: Path) -> dict:
     return manifest
 
 
-def _failed_stage(manifest: dict) -> tuple[str | None, str | None]:
+def failed_stage(manifest: dict) -> tuple[str | None, str | None]:
     for name, stage in (manifest.get("stages") or {}).items():
         if isinstance(stage, dict) and stage.get("status") not in (None, "ok", "skipped"):
             return name, stage.get("error") or stage.get("status")
@@ -77,23 +77,41 @@ def _macs(model: dict) -> int | None:
 
 
 def _latency(manifest: dict, fmt: str):
-    """(host ms, [(device, ms)]) of the run's ``.tflite`` of format ``fmt`` from
-    ``device_latency`` (what ``edgestar bench`` stored): the fewest threads, then the first
-    kernels by name; "local" is the host. Vela estimates are not latencies and are skipped."""
-    host, devices = None, []
+    """The latency of the run's ``.tflite`` of format ``fmt`` from ``device_latency`` (what
+    ``edgestar bench`` stored): at the fewest threads measured, the fastest kernel set (XNNPACK
+    or LiteRT's builtin kernels: on some CPUs XNNPACK's INT8 path is the slower one). Returns
+    (host ms, host kernels, host threads, [(device, ms, kernels)]); "local" is the host. Vela
+    estimates are not latencies and are skipped."""
+    host = kernels = threads = None
+    devices = []
     for device, entry in (manifest.get("device_latency") or {}).items():
-        if not isinstance(entry, dict) or not entry.get("measured", True):
+        if not isinstance(entry, dict) or entry.get("estimate"):
             continue
         rows = [r for r in entry.get("rows", []) if r.get("format") == fmt
                 and str(r.get("model", "")).startswith("tflite") and r.get("median_ms") is not None]
         if not rows:
             continue
-        best = min(rows, key=lambda r: (r.get("threads") or 1, str(r.get("kernels"))))
+        fewest = min(r.get("threads") or 0 for r in rows)
+        best = min((r for r in rows if (r.get("threads") or 0) == fewest),
+                   key=lambda r: (r["median_ms"], str(r.get("kernels"))))
         if device == "local":
-            host = best["median_ms"]
+            host, kernels, threads = best["median_ms"], best.get("kernels"), best.get("threads")
         else:
-            devices.append((device, best["median_ms"]))
-    return host, devices
+            devices.append((device, best["median_ms"], best.get("kernels")))
+    return host, kernels, threads, devices
+
+
+def _mcu(manifest: dict, artifact: dict) -> dict:
+    """The MCU arena (TFLite Micro's x86 interpreter: the same for every board; the reserve is
+    what the firmware allots) and the board verdicts ``edgestar firmware`` recorded for this very
+    file."""
+    found = {b: e for b, e in (manifest.get("firmware") or {}).items()
+             if isinstance(e, dict) and e.get("source_sha256") == artifact.get("sha256")}
+    if not found:
+        return {"arena_bytes": None, "arena_reserve_bytes": None, "boards": {}}
+    first = next(iter(found.values()))["arena"]
+    return {"arena_bytes": first.get("total"), "arena_reserve_bytes": first.get("reserve"),
+            "boards": {b: e.get("fits") for b, e in sorted(found.items())}}
 
 
 def rows_of(run: Path, manifest: dict) -> list[dict]:
@@ -105,7 +123,7 @@ def rows_of(run: Path, manifest: dict) -> list[dict]:
             "params": model.get("params"), "macs": _macs(model), "status": manifest.get("status"),
             "target": config.get("target"), "weights": config.get("weights")}
     if manifest.get("status") != "ok":
-        stage, why = _failed_stage(manifest)
+        stage, why = failed_stage(manifest)
         return [{**base, "precision": None, "failed_stage": stage, "error": why}]
     metrics = manifest.get("metrics") or {}
     images = metrics.get("eval_images")
@@ -118,8 +136,8 @@ def rows_of(run: Path, manifest: dict) -> list[dict]:
         fmt = key.removeprefix("tflite_")
         m = metrics.get(key) or {}
         top1 = m.get("top1") if labelled else None
-        host, devices = _latency(manifest, fmt)
-        row = {**base, "precision": "int8-qat" if fmt == "int8" and config.get("qat") else fmt,
+        host, kernels, threads, devices = _latency(manifest, fmt)
+        row = {**base, "precision": f"{fmt}-qat" if config.get("qat") else fmt,
                "artifact": art.get("path"), "bytes": art.get("bytes"),
                "top1": top1, "top1_ci95": _interval(top1, images),
                "top5": m.get("top5") if labelled else None, "top5_ci95": _interval(m.get("top5") if labelled else None,
@@ -128,8 +146,9 @@ def rows_of(run: Path, manifest: dict) -> list[dict]:
                "drop_ci95_pt": metrics.get("int8_top1_drop_ci95_pt") if fmt == "int8" else None,
                "agreement": m.get("agreement"), "logit_sqnr_db": m.get("logit_sqnr_db"),
                "images": images, "labelled": labelled,
-               "host_latency_ms": host, "device_latency_ms": devices,
-               "failed_stage": None, "error": None}
+               "host_latency_ms": host, "host_kernels": kernels, "host_threads": threads,
+               "device_latency_ms": devices,
+               **_mcu(manifest, art), "failed_stage": None, "error": None}
         out.append(row)
     return out
 

@@ -1,0 +1,146 @@
+"""``report``: the accuracy-vs-size report of run directories, from their manifests alone.
+
+:func:`report` gathers the rows (:mod:`edgestar.report.runs`), the Pareto fronts, the board
+choices (:mod:`edgestar.report.choose`) and each run's settings, then writes the formats asked:
+``report.md``, ``report.csv``, ``report.json``, ``report.html`` (:mod:`edgestar.report.html`)
+and the two plots (:mod:`edgestar.report.plots`). Every file is written atomically.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from edgestar import __version__
+from edgestar.errors import InputError
+from edgestar.report.runs import PRECISION_ORDER, find_runs, pareto_front, read_manifest, rows_of
+
+FORMATS = ("md", "csv", "json", "html", "png")
+PLOTS = ("accuracy_vs_size.png", "accuracy_vs_latency.png")
+SWEEP_FILE = "sweep.json"
+
+
+@dataclass
+class Report:
+    rows: list[dict]
+    runs: list[dict]  # per run: its folder and settings (config, versions, inputs, timings, notes)
+    fronts: dict  # "size" / "latency": the rows (indices) on the Pareto front
+    boards: list[dict]  # which model for which board (edgestar.report.choose)
+    cpu_pick: dict | None
+    sources: list[str]
+    generated: str
+    files: list[Path] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"edgestar_version": __version__, "generated": self.generated, "sources": self.sources,
+                "rows": self.rows, "pareto_front": self.fronts, "which_model_for_which_board": self.boards,
+                "cpu_pick": self.cpu_pick, "runs": self.runs}
+
+
+def sort_key(row: dict):
+    from edgestar.models.registry import VARIANTS
+
+    order = list(VARIANTS)
+    v = row.get("variant")
+    p = row.get("precision")
+    return (order.index(v) if v in order else len(order), str(v), row.get("img_size") or 0,
+            PRECISION_ORDER.index(p) if p in PRECISION_ORDER else len(PRECISION_ORDER), str(p), row["run"])
+
+
+def sweep_precisions(paths) -> tuple[str, ...] | None:
+    """The precisions a sweep folder among ``paths`` was asked for (its ``sweep.json``)."""
+    wanted = []
+    for p in map(Path, paths):
+        f = p / SWEEP_FILE
+        if f.is_file():
+            try:
+                wanted += json.loads(f.read_text())["config"]["precisions"]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise InputError(f"{f} is not a sweep record edgestar can read") from None
+    return tuple(dict.fromkeys(wanted)) or None
+
+
+def collect(paths, *, precisions=None) -> Report:
+    """The report's data for every run below ``paths`` (rows of other precisions dropped when
+    ``precisions`` is given, or when a path is a sweep folder: the precisions it was asked for)."""
+    from edgestar.report.choose import board_choices, cpu_pick
+
+    runs = find_runs(paths)
+    if not runs:
+        raise InputError(f"no run directories (with a manifest.json) below {', '.join(map(str, paths))}")
+    precisions = precisions or sweep_precisions(paths)
+    rows, settings = [], []
+    for run in runs:
+        manifest = read_manifest(run)
+        for row in rows_of(run, manifest):
+            if precisions is None or row["precision"] is None or row["precision"] in precisions:
+                rows.append(row)
+        settings.append(run_settings(run, manifest))
+    rows.sort(key=sort_key)
+    fronts = {
+        "size": pareto_front([(r.get("bytes"), r.get("top1")) for r in rows]),
+        "latency": pareto_front([(r.get("host_latency_ms"), r.get("top1")) for r in rows]),
+    }
+    for name, front in fronts.items():
+        for i in front:
+            rows[i][f"pareto_{name}"] = True
+    return Report(rows=rows, runs=settings, fronts=fronts, boards=board_choices(rows), cpu_pick=cpu_pick(rows),
+                  sources=[str(p) for p in paths],
+                  generated=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def run_settings(run: Path, manifest: dict) -> dict:
+    config = manifest.get("config") or {}
+    keep = ("variant", "weights", "img_size", "calib", "calib_samples", "calibrator", "target", "io_type",
+            "eval", "eval_samples", "formats", "qat", "qat_epochs", "qat_steps", "qat_lr", "seed")
+    inputs = manifest.get("inputs") or {}
+    return {
+        "run": str(run), "name": run.name, "status": manifest.get("status"), "created": manifest.get("created"),
+        "config": {k: config.get(k) for k in keep if k in config},
+        "versions": manifest.get("versions"),
+        "inputs": {k: (v.get("sha256") if isinstance(v, dict) else v) for k, v in inputs.items()},
+        "timings_s": manifest.get("timings_s"),
+        "notes": manifest.get("notes") or [], "warnings": manifest.get("warnings") or [],
+        "bench_devices": sorted((manifest.get("device_latency") or {})),
+        "firmware_boards": sorted((manifest.get("firmware") or {})),
+    }
+
+
+def report(paths, *, out: Path, formats=None, precisions=None) -> Report:
+    """Collect the report of ``paths`` and write ``formats`` (default: all) into ``out``."""
+    from edgestar.files import atomic_write_bytes, atomic_write_json, ensure_writable_dir
+    from edgestar.report import render
+
+    formats = tuple(formats or FORMATS)
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise InputError(f"unknown report format {bad[0]!r}; choose from {', '.join(FORMATS)}")
+    rep = collect(paths, precisions=precisions)
+    out = ensure_writable_dir(Path(out))
+    pngs = {}
+    if "png" in formats or "html" in formats:
+        from edgestar.report.plots import accuracy_vs_latency, accuracy_vs_size
+
+        pngs = {PLOTS[0]: accuracy_vs_size(rep.rows), PLOTS[1]: accuracy_vs_latency(rep.rows)}
+    written = []
+    if "png" in formats:
+        for name, data in pngs.items():
+            atomic_write_bytes(out / name, data)
+            written.append(out / name)
+    if "md" in formats:
+        atomic_write_bytes(out / "report.md", render.markdown(rep, plots="png" in formats).encode())
+        written.append(out / "report.md")
+    if "csv" in formats:
+        atomic_write_bytes(out / "report.csv", render.csv_text(rep.rows).encode())
+        written.append(out / "report.csv")
+    if "json" in formats:
+        atomic_write_json(out / "report.json", rep.to_json())
+        written.append(out / "report.json")
+    if "html" in formats:
+        from edgestar.report.html import page
+
+        atomic_write_bytes(out / "report.html", page(rep, pngs).encode())
+        written.append(out / "report.html")
+    rep.files = written
+    return rep
