@@ -2,6 +2,7 @@
 resolver, the pixel lookup table against the host's preprocessing, and, end to end on a real
 ``--target micro`` run, the generated sources compiled by the host's g++ against the TFLite
 Micro tree in ``../shared`` (skipped where that tree is absent)."""
+import hashlib
 import importlib.util
 import json
 import os
@@ -125,6 +126,10 @@ def test_firmware_sources_from_a_micro_run(micro_run, tmp_path):
     assert result["verdict"]["fits"] in (True, False) and "corstone-300" in result["verdict_text"]
     classes = int(re.search(r"NumClasses = (\d+);", (out / f"{name}_model_info.h").read_text()).group(1))
     assert classes == 1000 and 0 <= result["test_image"]["host_top1"] < classes  # --weights none: ImageNet head
+    # recorded in the run's manifest for edgestar report, tied to the model file it measured
+    recorded = json.loads((micro_run / "manifest.json").read_text())["firmware"]["corstone-300"]
+    assert recorded["arena"]["total"] == arena["total"] and recorded["fits"] == result["verdict"]["fits"]
+    assert recorded["source_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
 
     if not TFLM_TREE.is_dir() or shutil.which("g++") is None:
         pytest.skip("no TFLite Micro tree or g++: the compile check is skipped")
