@@ -146,6 +146,7 @@ def test_a_folder_the_sweep_did_not_make_is_never_deleted(tmp_path, fake_quantiz
     (["--variants", "s1", "--firmware", "nosuchboard"], "nosuchboard"),
     (["--variants", "s2", "--weights", "demo"], "no demo weights for variant s2"),
     (["--variants", "s1", "--bench", "vela:ethos-u55-128"], "sweep --bench takes local or ssh"),
+    (["--variants", "s1", "--calib", "no/such/folder"], "--calib no/such/folder does not exist"),
 ])
 def test_sweep_cli_errors(tmp_path, args, message):
     result = CliRunner().invoke(cli, ["sweep", *args, "--out", str(tmp_path / "s")])

@@ -121,6 +121,10 @@ def check(config: SweepConfig) -> None:
 
         for board in config.firmware:
             get_board(board)
+    for option, value, words in (("--calib", config.calib, ("demo", "distilled")), ("--eval", config.eval, ("demo",)),
+                                 ("--labels", config.labels, ()), ("--train", config.train, ("demo",))):
+        if value is not None and value not in words and not Path(value).exists():
+            raise InputError(f"{option} {value} does not exist")
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a directory")
@@ -148,10 +152,10 @@ def weights_for(spec: str, variant: str, *, many: bool) -> str:
     import re
 
     if spec in ("demo", "official", "none"):
-        if spec == "demo":
+        if spec != "none":
             from edgestar.models.checkpoints import resolve_weights
 
-            resolve_weights("demo", variant)  # no demo checkpoint for the variant: say so now
+            resolve_weights(spec, variant)  # no demo checkpoint, or offline: say so before any work
         return spec
     path = Path(spec)
     if path.is_file():

@@ -18,20 +18,21 @@ PRECISION_ORDER = ("fp32", "fp16", "dynamic", "int8", "int8-qat", "fp32-qat", "m
 
 def find_runs(paths) -> list[Path]:
     """Run directories: each path is one (it holds ``manifest.json``) or a folder searched
-    recursively. Hidden folders (``.incomplete``) are skipped. Sorted, without duplicates."""
-    found = set()
+    recursively. Hidden folders (``.incomplete``) are skipped. Sorted, without duplicates, in
+    the form the paths were given (relative stays relative, so reports can be moved)."""
+    found = {}
     for p in map(Path, paths):
         if not p.exists():
             raise InputError(f"{p} does not exist")
         if (p / "manifest.json").is_file():
-            found.add(p.resolve())
+            found.setdefault(p.resolve(), p)
         elif p.is_dir():
             for m in p.rglob("manifest.json"):
                 if not any(part.startswith(".") for part in m.relative_to(p).parts[:-1]):
-                    found.add(m.parent.resolve())
+                    found.setdefault(m.parent.resolve(), m.parent)
         else:
             raise InputError(f"{p} is neither a run directory nor a folder of runs")
-    return sorted(found)
+    return sorted(found.values())
 
 
 def read_manifest(run: Path) -> dict:
