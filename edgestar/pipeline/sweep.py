@@ -174,6 +174,16 @@ def weights_for(spec: str, variant: str, *, many: bool) -> str:
     return str(found[0])
 
 
+def check_checkpoints(combos: list[Combination], *, allow_pickle: bool) -> None:
+    """Load every checkpoint into its variant once, before any work: a corrupt, code-carrying
+    or mismatched checkpoint is a bad input (exit 2), not a failed combination."""
+    from edgestar.models.checkpoints import build_model
+
+    for variant, weights in dict.fromkeys((c.variant, c.weights) for c in combos):
+        if weights != "none":
+            build_model(variant, weights, allow_pickle=allow_pickle)
+
+
 def quantize_config(config: SweepConfig, combo: Combination):
     from edgestar.pipeline.config import QuantizeConfig
 
@@ -262,6 +272,7 @@ def sweep(config: SweepConfig, *, log=None, progress_factory=None) -> SweepResul
     log = log or (lambda msg: None)
     check(config)
     combos = plan(config)
+    check_checkpoints(combos, allow_pickle=config.allow_pickle)
     out = ensure_writable_dir(Path(config.out))
     for c in combos:  # never delete a folder the sweep did not make
         run = out / c.name
