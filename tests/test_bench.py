@@ -326,11 +326,13 @@ def test_remote_commands_quote_every_word_and_expand_only_a_leading_home():
 
 
 @pytest.mark.parametrize("manifest, match", [
-    ([], "not an edgestar manifest"),
-    ({"artifacts": {"tflite_int8": {"bytes": 3}}}, "has no plain file name"),
-    ({"artifacts": {"tflite_int8": {"path": "../outside.tflite"}}}, "has no plain file name"),
-    ({"artifacts": {"tflite_int8": {"path": "/etc/passwd"}}}, "has no plain file name"),
-    ({"artifacts": {"tflite_int8": "x"}}, "has no plain file name"),
+    ([], "is not a manifest"),
+    ({"manifest_version": 1, "artifacts": {"tflite_int8": {"bytes": 3}}}, "has no plain file name"),
+    ({"manifest_version": 1, "artifacts": {"tflite_int8": {"path": "../outside.tflite"}}}, "has no plain file name"),
+    ({"manifest_version": 1, "artifacts": {"tflite_int8": {"path": "/etc/passwd"}}}, "has no plain file name"),
+    ({"manifest_version": 1, "artifacts": {"tflite_int8": "x"}}, "has no plain file name"),
+    ({"manifest_version": 2, "versions": {"edgestar": "9.0"}, "artifacts": {}},
+     "manifest_version 2 (written by edgestar 9.0); this edgestar (0.1.0) reads version 1"),
 ])
 def test_malformed_manifests_are_one_line_errors(tmp_path, manifest, match):
     run = tmp_path / "run"

@@ -169,7 +169,7 @@ def test_report_cli(runs, tmp_path):
     (["nowhere"], "does not exist"),
     (["EMPTY"], "no run directories"),
     (["RUNS", "--format", "pdf"], "unknown value 'pdf'"),
-    (["BROKEN"], "cannot be read as JSON"),
+    (["BROKEN"], "is not valid JSON"),
 ])
 def test_report_cli_errors(runs, tmp_path, args, message):
     root, _, _ = runs

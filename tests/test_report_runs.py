@@ -87,7 +87,7 @@ def test_find_runs_below_a_folder_skips_hidden_ones(tmp_path):
         find_runs([tmp_path / "nope"])
 
 
-@pytest.mark.parametrize("text, message", [("{not json", "cannot be read as JSON"), ("[1]", "not a manifest"),
+@pytest.mark.parametrize("text, message", [("{not json", "is not valid JSON"), ("[1]", "not a manifest"),
                                            ('{"manifest_version": 7}', "manifest_version 7")])
 def test_bad_manifests_are_one_line_errors(tmp_path, text, message):
     (tmp_path / "manifest.json").write_text(text)

@@ -20,6 +20,7 @@ from edgestar.files import atomic_write_json, check_can_create, ensure_writable_
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+SUPPORTED_MANIFEST_VERSIONS = (MANIFEST_VERSION,)  # what load_manifest accepts
 TOOL_PACKAGES = ("torch", "tensorflow", "onnx", "onnx2tf", "onnxruntime", "ai-edge-litert", "numpy")
 STAGING = ".incomplete"  # files of a run in progress; emptied when it ends
 
@@ -189,10 +190,26 @@ def timestamp() -> str:
 
 
 def load_manifest(root: Path) -> dict:
+    """The manifest of the run directory ``root``. Every reader goes through here: a missing,
+    unreadable or corrupt manifest, or one of a schema version this edgestar does not know
+    (older or newer), is a one-line InputError naming the file and the versions."""
     path = Path(root) / MANIFEST
     try:
-        return json.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise InputError(f"{root} is not an edgestar run directory (no {MANIFEST})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} cannot be read ({getattr(exc, 'strerror', None) or type(exc).__name__})") from None
+    try:
+        manifest = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"{path} is not valid JSON ({exc.msg})") from None
+    if not isinstance(manifest, dict):
+        raise InputError(f"{path} is not a manifest (a JSON object)")
+    version = manifest.get("manifest_version")
+    if version not in SUPPORTED_MANIFEST_VERSIONS:
+        writer = (manifest.get("versions") or {}).get("edgestar") if isinstance(manifest.get("versions"), dict) else None
+        raise InputError(f"{path} has manifest_version {version!r}" + (f" (written by edgestar {writer})" if writer else "")
+                         + f"; this edgestar ({__version__}) reads version "
+                         + ", ".join(map(str, SUPPORTED_MANIFEST_VERSIONS)))
+    return manifest

@@ -7,12 +7,10 @@ figures are None (rendered as "—"), never 0.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from edgestar.errors import InputError
 
-SUPPORTED_MANIFEST_VERSIONS = (1,)
 PRECISION_ORDER = ("fp32", "fp16", "dynamic", "int8", "int8-qat", "fp32-qat", "mixed")
 
 
@@ -36,19 +34,11 @@ def find_runs(paths) -> list[Path]:
 
 
 def read_manifest(run: Path) -> dict:
-    """The manifest of ``run``; a corrupt one or one of another schema version raises InputError."""
-    path = Path(run) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path} cannot be read as JSON ({type(exc).__name__})") from None
-    if not isinstance(manifest, dict):
-        raise InputError(f"{path} is not a manifest (a JSON object)")
-    version = manifest.get("manifest_version")
-    if version not in SUPPORTED_MANIFEST_VERSIONS:
-        raise InputError(f"{path} has manifest_version {version!r}; this edgestar reads "
-                         f"{', '.join(map(str, SUPPORTED_MANIFEST_VERSIONS))}")
-    return manifest
+    """The manifest of ``run`` (:func:`edgestar.pipeline.rundir.load_manifest`: a corrupt one or
+    one of another schema version raises InputError)."""
+    from edgestar.pipeline.rundir import load_manifest
+
+    return load_manifest(run)
 
 
 def failed_stage(manifest: dict) -> tuple[str | None, str | None]:
