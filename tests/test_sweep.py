@@ -177,3 +177,12 @@ def test_a_real_sweep_then_resumed(tmp_path):
     data = json.loads(again.output.strip().splitlines()[-1])
     assert [c["reused"] for c in data["combinations"]] == [True, True]
     assert data["bench"]["reused"] and all(f["reused"] for f in data["firmware"])
+
+
+def test_the_report_of_a_sweep_folder_is_its_last_plan(tmp_path, fake_quantize):
+    sweep(config(tmp_path))
+    narrower = sweep(config(tmp_path, variants=("s050",), precisions=("int8",)))
+    assert fake_quantize.calls == ["s050-32px", "s050-32px-qat", "s1-32px", "s1-32px-qat"]  # nothing redone
+    rows = json.loads((narrower.out / "report.json").read_text())["rows"]
+    assert [(r["variant"], r["precision"]) for r in rows] == [("s050", "int8")]
+    assert (narrower.out / "s1-32px" / "manifest.json").is_file()  # older runs stay on disk

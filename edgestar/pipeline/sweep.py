@@ -285,7 +285,7 @@ def sweep(config: SweepConfig, *, log=None, progress_factory=None) -> SweepResul
     t0 = time.perf_counter()
     result = SweepResult(out=out)
     state = {"sweep_version": SWEEP_VERSION, "started": _now(), "config": _config_json(config),
-             "combinations": result.combinations}
+             "plan": [c.name for c in combos], "combinations": result.combinations}
     atomic_write_json(out / SWEEP_FILE, state)
     redone = False
     for i, combo in enumerate(combos, 1):

@@ -48,17 +48,31 @@ def sort_key(row: dict):
             PRECISION_ORDER.index(p) if p in PRECISION_ORDER else len(PRECISION_ORDER), str(p), row["run"])
 
 
-def sweep_precisions(paths) -> tuple[str, ...] | None:
-    """The precisions a sweep folder among ``paths`` was asked for (its ``sweep.json``)."""
-    wanted = []
+def read_sweep(folder: Path) -> dict | None:
+    """A sweep folder's ``sweep.json`` (None for another folder): its plan and precisions."""
+    f = Path(folder) / SWEEP_FILE
+    if not f.is_file():
+        return None
+    try:
+        record = json.loads(f.read_text())
+        plan, precisions = list(record["plan"]), list(record["config"]["precisions"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{f} is not a sweep record edgestar can read") from None
+    return {"plan": plan, "precisions": precisions}
+
+
+def expand(paths) -> tuple[list[Path], tuple[str, ...] | None]:
+    """The folders to search for runs, and the precisions asked for: a sweep folder stands for
+    the runs of its last plan (not whatever older runs lie beside them) and its precisions."""
+    out, wanted = [], []
     for p in map(Path, paths):
-        f = p / SWEEP_FILE
-        if f.is_file():
-            try:
-                wanted += json.loads(f.read_text())["config"]["precisions"]
-            except (OSError, ValueError, KeyError, TypeError):
-                raise InputError(f"{f} is not a sweep record edgestar can read") from None
-    return tuple(dict.fromkeys(wanted)) or None
+        record = read_sweep(p) if p.is_dir() else None
+        if record is None:
+            out.append(p)
+            continue
+        out += [p / name for name in record["plan"] if (p / name / "manifest.json").is_file()]
+        wanted += record["precisions"]
+    return out, tuple(dict.fromkeys(wanted)) or None
 
 
 def collect(paths, *, precisions=None) -> Report:
@@ -66,10 +80,11 @@ def collect(paths, *, precisions=None) -> Report:
     ``precisions`` is given, or when a path is a sweep folder: the precisions it was asked for)."""
     from edgestar.report.choose import board_choices, cpu_pick
 
-    runs = find_runs(paths)
+    folders, swept = expand(paths)
+    runs = find_runs(folders) if folders else []
     if not runs:
         raise InputError(f"no run directories (with a manifest.json) below {', '.join(map(str, paths))}")
-    precisions = precisions or sweep_precisions(paths)
+    precisions = precisions or swept
     rows, settings = [], []
     for run in runs:
         manifest = read_manifest(run)
