@@ -6,14 +6,16 @@ one-line messages here, in ``main``; input errors exit with code 2, stage failur
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
 
 from edgestar import __version__
 from edgestar.deploy.devices import KERNELS
-from edgestar.errors import EdgestarError
+from edgestar.errors import EdgestarError, Terminated, clear_signals, interrupt_name, note_signal
 from edgestar.models.registry import DOWNSAMPLE_FACTOR, VARIANTS
 from edgestar.pipeline.config import CALIBRATORS, EXTRA_FORMATS, FALLBACKS, IO_TYPES, PTQ_TECHNIQUES, TARGETS
 from edgestar.pipeline.sweep import PRECISIONS as SWEEP_PRECISIONS
@@ -69,6 +71,10 @@ def progress_factory(quiet: bool):
     return make
 
 
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 class DomainError(click.ClickException):
     """A domain error shown as ``Error: <message>`` with the error's own exit code."""
 
@@ -77,12 +83,39 @@ class DomainError(click.ClickException):
         self.exit_code = exit_code
 
 
+INTERRUPT_EXIT = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as shells report it
+
+
+def _on_signal(signum, frame):
+    name = signal.Signals(signum).name
+    note_signal(name)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
 class EdgestarGroup(click.Group):
     def invoke(self, ctx):
+        clear_signals()
+        previous = {}
+        if _main_thread():
+            previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_signal)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when SIGINT is ignored
+                previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_signal)
         try:
             return super().invoke(ctx)
-        except EdgestarError as exc:
-            raise DomainError(str(exc), exc.exit_code) from None
+        except BaseException as exc:  # Ctrl-C or SIGTERM: the clean-up has run on the way here
+            name = interrupt_name(exc) if not isinstance(exc, (click.exceptions.Exit, click.ClickException,
+                                                               SystemExit)) else None
+            if name:
+                run_dir = getattr(exc, "run_dir", None)
+                where = f"; {run_dir} is marked interrupted" if run_dir else ""
+                raise DomainError(f"interrupted by {name}{where}; run the command again to redo or resume",
+                                  INTERRUPT_EXIT[name]) from None
+            if isinstance(exc, EdgestarError):
+                raise DomainError(str(exc), exc.exit_code) from None
+            raise
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 @click.group(cls=EdgestarGroup, context_settings={"help_option_names": ["-h", "--help"]})

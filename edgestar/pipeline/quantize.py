@@ -36,7 +36,7 @@ import numpy as np
 
 from edgestar import __version__
 from edgestar.data.images import batches
-from edgestar.errors import InputError, StageError
+from edgestar.errors import InputError, StageError, interrupt_name
 from edgestar.evaluate.runners import OnnxRunner, TorchRunner
 from edgestar.export.onnx_export import export_onnx, max_abs_diff, onnx_op_counts
 from edgestar.files import atomic_write_json
@@ -143,7 +143,9 @@ def _end_failed(run: Run, conversion, exc: BaseException, *, created_folder: boo
             else:
                 run.manifest["notes"], run.manifest["warnings"] = run.notes, run.warnings
                 _keep_log(run)
-                run_dir.fail()
+                run_dir.fail("interrupted" if interrupt_name(exc) else "failed")
+                if interrupt_name(exc):
+                    exc.run_dir = run_dir.root  # the CLI names it in its one line
 
 
 def _run_stages(run: Run, conversion) -> None:

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import time
 from contextlib import contextmanager
 from datetime import datetime
@@ -15,7 +16,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 from edgestar import __version__
-from edgestar.errors import EdgestarError, InputError
+from edgestar.errors import EdgestarError, InputError, interrupt_name
 from edgestar.files import atomic_write_json, check_can_create, ensure_writable_dir
 
 MANIFEST = "manifest.json"
@@ -37,6 +38,7 @@ class RunDir:
         """A run whose manifest is kept in memory until :meth:`open` creates the folder, so
         that the input stages can fail without leaving one behind."""
         return cls(None, {"manifest_version": MANIFEST_VERSION, **header, "status": "running",
+                          "process": {"pid": os.getpid(), "host": platform.node()},
                           "stages": {}, "artifacts": {}, "metrics": {}, "timings_s": {}})
 
     @classmethod
@@ -47,18 +49,22 @@ class RunDir:
 
     @staticmethod
     def check_new(root: Path) -> None:
-        """Refuse a ``root`` that holds files already (before any work is done)."""
+        """Refuse a ``root`` that holds files already (before any work is done), unless they
+        are an interrupted run (killed, Ctrl-C, SIGTERM), which the same command starts over."""
         root = Path(root)
         if root.exists() and not root.is_dir():
             raise InputError(f"output folder {root} exists and is not a directory")
-        if root.is_dir() and any(root.iterdir()):
+        if root.is_dir() and any(root.iterdir()) and not interrupted_run(root):
             raise InputError(f"output folder {root} is not empty; choose a new --out")
         check_can_create(root, "output folder")
 
     def open(self, root: Path) -> bool:
-        """Create the folder (new or empty) and write the manifest so far; whether it was
-        created (rather than found empty)."""
+        """Create the folder (new, empty, or holding an interrupted run, which is removed) and
+        write the manifest so far; whether it was created (rather than found)."""
         self.check_new(root)
+        if Path(root).is_dir() and interrupted_run(Path(root)):
+            for item in Path(root).iterdir():
+                shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
         created = not Path(root).exists()
         ensure_writable_dir(root)
         self.root = Path(root)
@@ -117,9 +123,12 @@ class RunDir:
         try:
             yield record
         except BaseException as exc:
-            record["status"] = "failed"
-            record["error"] = str(exc) if isinstance(exc, EdgestarError) else repr(exc)
-            self.manifest["status"] = "failed"
+            if interrupt_name(exc):  # Ctrl-C, or SIGTERM (edgestar.errors.Terminated)
+                record["status"] = self.manifest["status"] = "interrupted"
+                record["error"] = f"interrupted by {interrupt_name(exc)}"
+            else:
+                record["status"] = self.manifest["status"] = "failed"
+                record["error"] = str(exc) if isinstance(exc, EdgestarError) else repr(exc)
             raise
         else:
             record["status"] = "ok"
@@ -135,12 +144,12 @@ class RunDir:
         self.manifest["status"] = status
         self.save()
 
-    def fail(self) -> None:
-        """End a failed run: every staged file but the logs leaves the staging folder as
-        ``<name>.failed`` (registered or not: the converter writes models before they are
-        checked), and the manifest says ``failed``."""
+    def fail(self, status: str = "failed") -> None:
+        """End a failed (or ``interrupted``) run: every staged file but the logs leaves the
+        staging folder as ``<name>.failed`` (registered or not: the converter writes models
+        before they are checked), and the manifest says ``status``."""
         self._unstage(suffix=".failed")
-        self.manifest["status"] = "failed"
+        self.manifest["status"] = status
         self.save()
 
     def _unstage(self, suffix: str) -> None:
@@ -157,6 +166,38 @@ class RunDir:
             if src.name in artifacts:
                 artifacts[src.name]["path"] = name
         folder.rmdir()
+
+
+def interrupted_run(root: Path) -> bool:
+    """Does ``root`` hold an edgestar run that was interrupted (status ``interrupted``, or
+    ``running`` with its process gone: killed)? A run whose process is still alive on this
+    machine is refused with a one-line InputError: two runs never share a folder."""
+    try:
+        manifest = json.loads((Path(root) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("status") not in ("running", "interrupted"):
+        return False
+    process = manifest.get("process") or {}
+    if manifest["status"] == "running" and process.get("host") == platform.node() and _alive(process.get("pid")):
+        raise InputError(f"a run is in progress in {root} (pid {process['pid']}); wait for it or choose "
+                         "another --out")
+    return True
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a recycled pid is some other program
+        return b"edgestar" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
 
 
 def tool_versions() -> dict:

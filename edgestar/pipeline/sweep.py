@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from edgestar.errors import EdgestarError, InputError
+from edgestar.errors import EdgestarError, InputError, interrupt_name
 
 PRECISIONS = ("fp32", "fp16", "dynamic", "int8", "int8-qat")
 SWEEP_FILE = "sweep.json"
@@ -331,10 +331,11 @@ def _run_combination(config: SweepConfig, combo: Combination, key: str, progress
     t0 = time.perf_counter()
     try:
         res = quantize(qc, progress_factory=progress_factory, log=log)
-    except EdgestarError as exc:
-        error, stage = str(exc), _failed_stage(Path(qc.out))
     except Exception as exc:  # noqa: BLE001  (a bug in one combination must not end the sweep)
-        error, stage = f"{type(exc).__name__}: {exc}", _failed_stage(Path(qc.out))
+        if interrupt_name(exc):  # a signal's exception that library code turned into another
+            raise
+        error = str(exc) if isinstance(exc, EdgestarError) else f"{type(exc).__name__}: {exc}"
+        stage = _failed_stage(Path(qc.out))
     else:
         _stamp(res.out, combo, key)
         return {"status": res.manifest["status"], "error": None, "seconds": round(time.perf_counter() - t0, 1)}
