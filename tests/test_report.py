@@ -125,6 +125,9 @@ def test_html_is_self_contained(runs, tmp_path):
     parser.feed((tmp_path / "out" / "report.html").read_text())
     assert {"results", "boards", "accuracy-vs-size", "accuracy-vs-latency"} <= parser.ids
     assert all(ref.startswith("data:image/png;base64,") for ref in parser.refs), parser.refs
+    html = (tmp_path / "out" / "report.html").read_text()
+    failed = html[html.index('<tr class="failed">'):].split("</tr>")[0]
+    assert f'colspan="12">FAILED at validate: the FP32 TFLite model disagrees' in failed  # spans the figures
     for img in parser.imgs:
         data = base64.b64decode(img["src"].split(",", 1)[1])
         with Image.open(io.BytesIO(data)) as im:

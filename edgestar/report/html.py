@@ -41,7 +41,7 @@ def _table(rep) -> str:
             attrs = ' class="text"' if name in TEXT_COLUMNS else ""
             if name == "precision":
                 attrs = ' class="text precision"'
-            if failed and name == "top-1 (95 % CI)":
+            if failed and name == "params":  # the failed stage and its error, across the figures
                 attrs = f' class="text" colspan="{len(COLUMNS) - 3}"'
             tds.append(f"<td{attrs}>{escape(text)}</td>")
         body.append(f'<tr class="{cls}">{"".join(tds)}</tr>')
