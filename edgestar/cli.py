@@ -174,7 +174,8 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
 
 
 @cli.command()
-@variant_option
+@click.option("--variant", type=click.Choice(list(VARIANTS)), default=None,
+              help="StarNet variant (required unless --from-manifest).")
 @click.option("--weights", default="official", show_default=True, metavar="official|demo|none|PATH",
               help="official: the release checkpoint (s1-s4, downloaded once into $EDGESTAR_CACHE); "
                    "demo: the shipped CIFAR-10 model; none: random init; or a checkpoint file.")
@@ -236,29 +237,52 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
 @click.option("--unsafe-allow-pickle", is_flag=True,
               help="Load a checkpoint that needs arbitrary pickled code. ONLY for files you trust: "
                    "unpickling can run any code.")
+@click.option("--from-manifest", "from_manifest", type=click.Path(), default=None, metavar="RUN_DIR/manifest.json",
+              help="Re-run a recorded run with its recorded options (only --out, --json and -q may be added) "
+                   "and say whether it reproduced: inputs, tool versions, .tflite bytes, top-1.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout at the end.")
 @quiet_option
-def quantize(variant, weights, num_classes, img_size, calib, calib_samples, target, profile, calibrator, ptq, eval_,
-             labels, eval_samples, io_type, formats, max_drop, fallback, qat, train, qat_epochs, qat_steps, qat_lr,
-             qat_batch, out, seed, unsafe_allow_pickle, as_json, quiet):
+@click.pass_context
+def quantize(ctx, variant, weights, num_classes, img_size, calib, calib_samples, target, profile, calibrator, ptq,
+             eval_, labels, eval_samples, io_type, formats, max_drop, fallback, qat, train, qat_epochs, qat_steps,
+             qat_lr, qat_batch, out, seed, unsafe_allow_pickle, from_manifest, as_json, quiet):
     """Convert a StarNet checkpoint to validated FP32 and INT8 TFLite models."""
+    from click.core import ParameterSource
+
     from edgestar import QuantizeConfig
     from edgestar import quantize as run_quantize
     from edgestar import summary_table
 
-    chosen = {k: v for k, v in (("target", target), ("io_type", io_type)) if v is not None}
-    make = (lambda **kw: QuantizeConfig.for_profile(profile, **kw)) if profile else QuantizeConfig
-    config = make(
-        variant=variant, weights=weights, num_classes=num_classes, img_size=img_size,
-        calib=calib, calib_samples=calib_samples, calibrator=calibrator, ptq=ptq, **chosen,
-        eval=eval_, labels=labels, eval_samples=eval_samples, formats=tuple(formats), max_drop=max_drop, fallback=fallback, qat=qat,
-        train=train,
-        qat_epochs=qat_epochs, qat_steps=qat_steps, qat_lr=qat_lr, qat_batch=qat_batch,
-        out=Path(out) if out else None, allow_pickle=unsafe_allow_pickle, seed=seed)
+    recorded = None
+    if from_manifest:
+        given = [p.opts[0] for p in ctx.command.params if p.name not in ("out", "as_json", "quiet", "from_manifest")
+                 and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"--from-manifest re-runs the recorded options; {given[0]} cannot be added "
+                                   "(only --out, --json, -q)")
+        from edgestar.pipeline.reproduce import config_from_manifest
+
+        config, recorded = config_from_manifest(Path(from_manifest), out=Path(out) if out else None)
+    else:
+        if variant is None:
+            raise click.UsageError("Missing option '--variant' (or give --from-manifest).")
+        chosen = {k: v for k, v in (("target", target), ("io_type", io_type)) if v is not None}
+        make = (lambda **kw: QuantizeConfig.for_profile(profile, **kw)) if profile else QuantizeConfig
+        config = make(
+            variant=variant, weights=weights, num_classes=num_classes, img_size=img_size,
+            calib=calib, calib_samples=calib_samples, calibrator=calibrator, ptq=ptq, **chosen,
+            eval=eval_, labels=labels, eval_samples=eval_samples, formats=tuple(formats), max_drop=max_drop,
+            fallback=fallback, qat=qat, train=train,
+            qat_epochs=qat_epochs, qat_steps=qat_steps, qat_lr=qat_lr, qat_batch=qat_batch,
+            out=Path(out) if out else None, allow_pickle=unsafe_allow_pickle, seed=seed)
     log = (lambda *_: None) if quiet else (lambda msg: click.echo(msg, err=True))
     result = run_quantize(config, progress_factory=progress_factory(quiet), log=log)
     if result is None:  # a torchrun QAT process other than rank 0: rank 0 reports
         return
+    if recorded is not None:
+        from edgestar.pipeline.reproduce import compare
+
+        result.notes.extend(f"reproduction of {from_manifest}: {line}" for line in compare(recorded, result.manifest))
     if not quiet or not as_json:
         click.echo(summary_table(result.manifest, result.out), err=as_json)
         for note in result.notes:
