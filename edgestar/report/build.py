@@ -88,10 +88,15 @@ def collect(paths, *, precisions=None) -> Report:
     rows, settings = [], []
     for run in runs:
         manifest = read_manifest(run)
-        for row in rows_of(run, manifest):
-            if precisions is None or row["precision"] is None or row["precision"] in precisions:
-                rows.append(row)
-        settings.append(run_settings(run, manifest))
+        try:
+            found, setting = rows_of(run, manifest), run_settings(run, manifest)
+            for row in found:
+                check_row(row)
+        except (TypeError, AttributeError, KeyError, ValueError, IndexError) as exc:
+            raise InputError(f"{run / 'manifest.json'} has fields edgestar cannot read "
+                             f"({type(exc).__name__}: {str(exc)[:80]})") from None
+        rows += [r for r in found if precisions is None or r["precision"] is None or r["precision"] in precisions]
+        settings.append(setting)
     rows.sort(key=sort_key)
     fronts = {
         "size": pareto_front([(r.get("bytes"), r.get("top1")) for r in rows]),
@@ -103,6 +108,33 @@ def collect(paths, *, precisions=None) -> Report:
     return Report(rows=rows, runs=settings, fronts=fronts, boards=board_choices(rows), cpu_pick=cpu_pick(rows),
                   sources=[str(p) for p in paths],
                   generated=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+NUMBERS = ("img_size", "num_classes", "params", "macs", "bytes", "top1", "top5", "drop_pt", "agreement",
+           "logit_sqnr_db", "images", "host_latency_ms", "host_threads", "arena_bytes", "arena_reserve_bytes")
+
+
+def check_row(row: dict) -> None:
+    """A row's figures are numbers or None; anything else (a hand-edited manifest) is refused."""
+    import math
+
+    for key in NUMBERS:
+        v = row.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise ValueError(f"{key} is {v!r}, not a number")
+    for key in ("top1_ci95", "top5_ci95", "drop_ci95_pt"):
+        v = row.get(key)
+        if v is not None and (not isinstance(v, (list, tuple)) or len(v) != 2
+                              or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
+            raise ValueError(f"{key} is {v!r}, not an interval")
+    for key in ("variant", "precision", "status"):
+        if row.get(key) is not None and not isinstance(row[key], str):
+            raise ValueError(f"{key} is {row[key]!r}, not a name")
+    for device, ms, _ in row.get("device_latency_ms") or []:
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not math.isfinite(ms):
+            raise ValueError(f"the latency on {device} is {ms!r}, not a number")
+    if any(not isinstance(v, (bool, type(None))) for v in (row.get("boards") or {}).values()):
+        raise ValueError("a board verdict is not true or false")
 
 
 def run_settings(run: Path, manifest: dict) -> dict:
