@@ -238,8 +238,9 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
               help="Load a checkpoint that needs arbitrary pickled code. ONLY for files you trust: "
                    "unpickling can run any code.")
 @click.option("--from-manifest", "from_manifest", type=click.Path(), default=None, metavar="RUN_DIR/manifest.json",
-              help="Re-run a recorded run with its recorded options (only --out, --json and -q may be added) "
-                   "and say whether it reproduced: inputs, tool versions, .tflite bytes, top-1.")
+              help="Re-run a recorded run with its recorded options (only --out, --json, -q and "
+                   "--unsafe-allow-pickle, never taken from the file, may be added) and say whether it reproduced: "
+                   "inputs, tool versions, .tflite bytes, top-1.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout at the end.")
 @quiet_option
 @click.pass_context
@@ -255,14 +256,16 @@ def quantize(ctx, variant, weights, num_classes, img_size, calib, calib_samples,
 
     recorded = None
     if from_manifest:
-        given = [p.opts[0] for p in ctx.command.params if p.name not in ("out", "as_json", "quiet", "from_manifest")
+        extra = ("out", "as_json", "quiet", "from_manifest", "unsafe_allow_pickle")
+        given = [p.opts[0] for p in ctx.command.params if p.name not in extra
                  and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
         if given:
             raise click.UsageError(f"--from-manifest re-runs the recorded options; {given[0]} cannot be added "
-                                   "(only --out, --json, -q)")
+                                   "(only --out, --json, -q, --unsafe-allow-pickle)")
         from edgestar.pipeline.reproduce import config_from_manifest
 
-        config, recorded = config_from_manifest(Path(from_manifest), out=Path(out) if out else None)
+        config, recorded = config_from_manifest(Path(from_manifest), out=Path(out) if out else None,
+                                                allow_pickle=unsafe_allow_pickle)
     else:
         if variant is None:
             raise click.UsageError("Missing option '--variant' (or give --from-manifest).")

@@ -112,3 +112,20 @@ def test_no_shell_eval_or_exec_in_the_package():
                     isinstance(node.func.value, ast.Name) and node.func.value.id in ("pickle", "marshal", "dill"):
                 found.append(f"{where} {node.func.value.id}.{name}()")
     assert found == []
+
+
+def test_a_manifest_cannot_turn_on_unpickling(tmp_path):
+    """--from-manifest never takes allow_pickle from the file: a downloaded manifest naming a
+    hostile checkpoint is refused like the checkpoint itself."""
+    import json
+
+    marker, files = hostile_checkpoints(tmp_path)
+    run = tmp_path / "recorded"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({
+        "manifest_version": 1, "tool": "edgestar quantize",
+        "config": {"variant": "s050", "weights": str(files["zip"]), "allow_pickle": True}}))
+    result = CliRunner().invoke(cli, ["quantize", "--from-manifest", str(run / "manifest.json"),
+                                      "--out", str(tmp_path / "out")])
+    assert not marker.exists()
+    assert result.exit_code == 2 and "--unsafe-allow-pickle" in result.output.strip().splitlines()[-1]

@@ -14,8 +14,10 @@ from pathlib import Path
 from edgestar.errors import InputError
 
 
-def config_from_manifest(path: Path, *, out: Path | None = None):
-    """The configuration of the run recorded in ``path`` (a manifest, or its run directory)."""
+def config_from_manifest(path: Path, *, out: Path | None = None, allow_pickle: bool = False):
+    """The configuration of the run recorded in ``path`` (a manifest, or its run directory).
+    ``allow_pickle`` is never taken from the file: a manifest from elsewhere must not be able to
+    turn on unpickling; the user passes ``--unsafe-allow-pickle`` again."""
     from edgestar.pipeline.config import QuantizeConfig
     from edgestar.pipeline.rundir import load_manifest
 
@@ -33,6 +35,7 @@ def config_from_manifest(path: Path, *, out: Path | None = None):
         raise InputError(f"--from-manifest {path}: options this edgestar does not have: {', '.join(unknown)}")
     values = dict(recorded)
     values["out"] = Path(out) if out else None
+    values["allow_pickle"] = allow_pickle
     for key in ("formats",):
         values[key] = tuple(values.get(key) or ())
     if isinstance(values.get("ptq"), list):
