@@ -29,6 +29,19 @@ def test_requantizer_that_dies_reports_its_last_error(tmp_path, fake_python):
     requantize.close()
 
 
+def test_requantizer_that_died_before_reading_reports_its_last_error(tmp_path, fake_python):
+    """A worker gone before the request is written: the broken pipe is no traceback (found by CI
+    on a loaded machine, where the worker of the test above exited before the write)."""
+    import time
+
+    fake_python("echo 'ValueError: no such tensor' >&2; exit 3")
+    requantize = Requantizer(tmp_path / "calibrated.tflite", "int8", tmp_path / "convert.log")
+    time.sleep(1.0)  # it has exited: writing the request raises BrokenPipeError
+    with pytest.raises(StageError, match="exit code 3.*ValueError: no such tensor"):
+        requantize(["some_tensor"])
+    requantize.close()
+
+
 def test_last_error_line_skips_colour_and_traceback_lines(tmp_path):
     log = tmp_path / "convert.log"
     log.write_text("INFO: fine\n\x1b[31mERROR:\x1b[0m The trace log is below.\nTraceback (most recent call last):\n"

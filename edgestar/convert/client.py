@@ -194,8 +194,11 @@ class Requantizer:
         """The INT8 model with the ops writing ``keep_float`` (tensor names) in float."""
         self._count += 1
         out = self.work / f"model{self._count}.tflite"
-        self.proc.stdin.write((json.dumps({"keep_float": keep_float, "out": str(out)}) + "\n").encode())
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write((json.dumps({"keep_float": keep_float, "out": str(out)}) + "\n").encode())
+            self.proc.stdin.flush()
+        except OSError:  # it died before reading the request (BrokenPipeError): its exit says why
+            self.proc.wait()
         deadline = time.monotonic() + self.timeout_s
         while not out.exists() and self.proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
