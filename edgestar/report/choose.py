@@ -2,7 +2,8 @@
 
 For each board of the firmware board table: the most accurate INT8 row whose ``.tflite`` and
 arena reserve (measured by ``edgestar firmware``) fit (:func:`edgestar.deploy.boards.verdict`,
-with its default code-size estimate); ties go to the smaller file. Rows without a measured
+with its default code-size estimate); equal top-1 goes to the higher agreement with FP32, then to
+the smaller file. Rows without a measured
 arena are not guessed at: the board then says what is missing. FP32/FP16 models are not
 candidates: edgestar's firmware runs INT8 models only.
 """
