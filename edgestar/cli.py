@@ -311,7 +311,7 @@ class IntList(click.ParamType):
         if isinstance(value, tuple):
             return value
         items = [v.strip() for v in str(value).split(",")]
-        if not all(v.isdigit() for v in items):
+        if not all(v.isascii() and v.isdigit() for v in items):  # "²".isdigit() is True, int("²") fails
             self.fail(f"{value!r} is not a comma-separated list of whole numbers", param, ctx)
         return tuple(dict.fromkeys(int(v) for v in items))
 
