@@ -108,8 +108,8 @@ class EdgestarGroup(click.Group):
             if name:
                 run_dir = getattr(exc, "run_dir", None)
                 where = f"; {run_dir} is marked interrupted" if run_dir else ""
-                raise DomainError(f"interrupted by {name}{where}; run the command again to redo or resume",
-                                  INTERRUPT_EXIT[name]) from None
+                hint = getattr(exc, "resume_hint", None) or "run the command again to redo or resume"
+                raise DomainError(f"interrupted by {name}{where}; {hint}", INTERRUPT_EXIT[name]) from None
             if isinstance(exc, EdgestarError):
                 raise DomainError(str(exc), exc.exit_code) from None
             raise
@@ -147,9 +147,13 @@ def cli():
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Checkpoint file to write [default: runs/<variant>-train-<time>/model.pt].")
 @click.option("--force", is_flag=True, help="Overwrite the --out file if it exists.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=1, show_default=True, metavar="EPOCHS",
+              help="Save the training state (<out>.state) after every EPOCHS epochs; the same command "
+                   "resumes from it after an interruption. 0: never.")
+@click.option("--restart", is_flag=True, help="Discard a training state left at <out>.state and start over.")
 @quiet_option
 def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, drop_path,
-          crop_pct, weights, seed, half, max_steps, out, force, quiet):
+          crop_pct, weights, seed, half, max_steps, out, force, checkpoint_every, restart, quiet):
     """Train or fine-tune StarNet on an image folder."""
     from edgestar import TrainConfig, demo_split
     from edgestar import train as run_train
@@ -165,10 +169,10 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
     out = Path(out) if out else Path("runs") / f"{variant}-train-{timestamp()}" / "model.pt"
     cfg = TrainConfig(variant=variant, img_size=img_size, epochs=epochs, batch_size=batch_size,
                       lr=lr, weight_decay=weight_decay, drop_path_rate=drop_path, seed=seed,
-                      crop_pct=crop_pct, max_steps=max_steps)
+                      crop_pct=crop_pct, max_steps=max_steps, checkpoint_every=checkpoint_every)
     log = (lambda *_: None) if quiet else (lambda msg: click.echo(msg, err=True))
     summary = run_train(cfg, data=data, out=out, val=val, weights=weights, half=half, overwrite=force,
-                        progress_factory=progress_factory(quiet), log=log)
+                        restart=restart, progress_factory=progress_factory(quiet), log=log)
     top1 = summary["val_top1"]
     click.echo(f"wrote {out}" + (f" (held-out top-1 {percent(top1)})" if top1 is not None else ""))
 

@@ -72,3 +72,29 @@ def current_umask() -> int:
 def temp_path_for(path: Path) -> Path:
     """The in-progress name of ``path`` (same folder, so the final rename is atomic)."""
     return path.with_name(f".{path.name}.partial")
+
+
+def path_fingerprint(path: Path) -> str:
+    """A fingerprint of an input: a file by its content (sha256); a folder by the names, sizes
+    and modification times of the files below it (hashing every image of a large dataset
+    would cost more than many runs); a missing path as such."""
+    import hashlib
+
+    from edgestar.models.checkpoints import sha256_file
+
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        return f"missing:{path}"
+    h = hashlib.sha256()
+    for folder, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            p = Path(folder) / name
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            h.update(f"{p.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()

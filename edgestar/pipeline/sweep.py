@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from edgestar.errors import EdgestarError, InputError, interrupt_name
+from edgestar.files import path_fingerprint
 
 PRECISIONS = ("fp32", "fp16", "dynamic", "int8", "int8-qat")
 SWEEP_FILE = "sweep.json"
@@ -202,8 +202,6 @@ def source_digest(spec: str | None) -> str | None:
     """A fingerprint of an input: a file by content; a folder by the names, sizes and
     modification times of the files below it (hashing every image of a large folder would
     cost more than many runs); ``demo`` by the shipped folder; None and ``distilled`` as such."""
-    from edgestar.models.checkpoints import sha256_file
-
     if spec is None or spec == "distilled":
         return spec
     if spec == "demo":
@@ -212,21 +210,7 @@ def source_digest(spec: str | None) -> str | None:
         path = demo_split("calib").parent
     else:
         path = Path(spec)
-    if path.is_file():
-        return sha256_file(path)
-    if not path.is_dir():
-        return f"missing:{spec}"
-    h = hashlib.sha256()
-    for folder, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            p = Path(folder) / name
-            try:
-                st = p.stat()
-            except OSError:
-                continue
-            h.update(f"{p.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+    return path_fingerprint(path)
 
 
 def weights_digest(weights: str, variant: str) -> str:
