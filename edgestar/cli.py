@@ -235,6 +235,9 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
 @click.option("--qat-lr", type=click.FloatRange(min=0, min_open=True), default=2e-5, show_default=True)
 @click.option("--qat-batch", type=click.IntRange(min=1), default=64, show_default=True,
               help="Global QAT batch (split across torchrun processes).")
+@click.option("--qat-checkpoint-minutes", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              metavar="MINUTES", help="Save the QAT state this often and after every epoch; the same command "
+                                      "with the same --out resumes QAT from it after an interruption. 0: every step.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run directory to create [default: runs/<variant>-<time>].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sample selection.")
@@ -250,7 +253,7 @@ def train(variant, data, val, img_size, epochs, batch_size, lr, weight_decay, dr
 @click.pass_context
 def quantize(ctx, variant, weights, num_classes, img_size, calib, calib_samples, target, profile, calibrator, ptq,
              eval_, labels, eval_samples, io_type, formats, max_drop, fallback, qat, train, qat_epochs, qat_steps,
-             qat_lr, qat_batch, out, seed, unsafe_allow_pickle, from_manifest, as_json, quiet):
+             qat_lr, qat_batch, qat_checkpoint_minutes, out, seed, unsafe_allow_pickle, from_manifest, as_json, quiet):
     """Convert a StarNet checkpoint to validated FP32 and INT8 TFLite models."""
     from click.core import ParameterSource
 
@@ -281,6 +284,7 @@ def quantize(ctx, variant, weights, num_classes, img_size, calib, calib_samples,
             eval=eval_, labels=labels, eval_samples=eval_samples, formats=tuple(formats), max_drop=max_drop,
             fallback=fallback, qat=qat, train=train,
             qat_epochs=qat_epochs, qat_steps=qat_steps, qat_lr=qat_lr, qat_batch=qat_batch,
+            qat_checkpoint_minutes=qat_checkpoint_minutes,
             out=Path(out) if out else None, allow_pickle=unsafe_allow_pickle, seed=seed)
     log = (lambda *_: None) if quiet else (lambda msg: click.echo(msg, err=True))
     result = run_quantize(config, progress_factory=progress_factory(quiet), log=log)

@@ -25,8 +25,10 @@ def start(args, cwd):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def wait_for_stage(proc, manifest: Path, stage: str, timeout=300):
-    """Poll the run's manifest until ``stage`` is running (the process is then mid-stage)."""
+def wait_for_stage(proc, manifest: Path, stage: str, timeout=300, started=False):
+    """Poll the run's manifest until ``stage`` is running (the process is then mid-stage), or
+    with ``started`` until it has started (a stage of tenths of a second may be over by the
+    time the poll sees it: the process is then in it or in the next)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
@@ -34,9 +36,9 @@ def wait_for_stage(proc, manifest: Path, stage: str, timeout=300):
             stages = json.loads(manifest.read_text()).get("stages", {})
         except (OSError, ValueError):
             stages = {}
-        if stages.get(stage, {}).get("status") == "running":
+        if stages.get(stage, {}).get("status") == "running" or (started and stage in stages):
             return
-        time.sleep(0.05)
+        time.sleep(0.01)
     pytest.fail(f"stage {stage} never started")
 
 
@@ -59,11 +61,13 @@ def tflite_digests(run: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.glob("*.tflite"))}
 
 
+QUANTIZE_QAT = [*QUANTIZE, "--qat", "--qat-steps", "6", "--qat-batch", "32", "--qat-checkpoint-minutes", "0"]
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """An uninterrupted run of the same command."""
-    work = tmp_path_factory.mktemp("reference")
-    proc = start([*QUANTIZE, "--out", work / "run"], work)
+def qat_reference(tmp_path_factory):
+    work = tmp_path_factory.mktemp("qat-reference")
+    proc = start([*QUANTIZE_QAT, "--out", work / "run"], work)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     return tflite_digests(work / "run")
@@ -71,9 +75,9 @@ def reference(tmp_path_factory):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("sig, code, stage", [(signal.SIGTERM, 143, "convert"), (signal.SIGINT, 130, "validate")])
-def test_a_signal_stops_quantize_cleanly_and_the_same_command_finishes(tmp_path, reference, sig, code, stage):
+def test_a_signal_stops_quantize_cleanly_and_the_same_command_finishes(tmp_path, qat_reference, sig, code, stage):
     run = tmp_path / "run"
-    proc = start([*QUANTIZE, "--out", run], tmp_path)
+    proc = start([*QUANTIZE_QAT, "--out", run], tmp_path)
     wait_for_stage(proc, run / "manifest.json", stage)
     workers = children_of(proc.pid)
     proc.send_signal(sig)
@@ -87,28 +91,48 @@ def test_a_signal_stops_quantize_cleanly_and_the_same_command_finishes(tmp_path,
     assert manifest["status"] == "interrupted"
     assert manifest["stages"][stage] == {**manifest["stages"][stage], "status": "interrupted",
                                          "error": f"interrupted by {name}"}
-    assert not (run / ".incomplete").exists() and not list(run.glob("*.tflite"))  # nothing looks finished
+    assert not list(run.glob("*.tflite"))  # nothing looks finished
+    assert os.listdir(run / ".incomplete") == ["qat-state.pt"]  # only what the next run resumes from
     time.sleep(0.5)
     assert not [p for p in workers if Path(f"/proc/{p}").exists()], "a child outlived the interrupted run"
-    again = start([*QUANTIZE, "--out", run], tmp_path)
+    again = start([*QUANTIZE_QAT, "--out", run], tmp_path)
     _, err = again.communicate(timeout=600)
     assert again.returncode == 0, err
-    assert tflite_digests(run) == reference  # the same bytes as the uninterrupted run
+    assert tflite_digests(run) == qat_reference  # the same bytes as the uninterrupted run
+    assert json.loads((run / "manifest.json").read_text())["stages"]["qat"]["resumed_from_step"] == 6
 
 
 @pytest.mark.e2e
-def test_sigkill_leaves_nothing_that_looks_finished_and_the_command_starts_over(tmp_path, reference):
+@pytest.mark.parametrize("stage", ["fold", "qat", "export", "convert", "validate", "diagnose"])
+def test_sigkill_in_any_stage_leaves_nothing_finished_and_the_command_finishes_the_job(tmp_path, qat_reference,
+                                                                                        stage):
+    """SIGKILL (no clean-up at all) in each stage of a QAT run; the same command then ends with
+    the bytes of an uninterrupted run. QAT itself resumes from its last saved step."""
     run = tmp_path / "run"
-    proc = start([*QUANTIZE, "--out", run], tmp_path)
-    wait_for_stage(proc, run / "manifest.json", "convert")
+    proc = start([*QUANTIZE_QAT, "--out", run], tmp_path)
+    state = run / ".incomplete" / "qat-state.pt"
+    if stage == "qat":
+        deadline = time.monotonic() + 300
+        while not state.exists():  # a QAT state is saved: the process is between QAT steps
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.01)
+    else:
+        wait_for_stage(proc, run / "manifest.json", stage, started=True)
     proc.kill()
     proc.communicate(timeout=60)
-    assert json.loads((run / "manifest.json").read_text())["status"] == "running"
-    assert not list(run.glob("*.tflite")) and interrupted_run(run)
-    again = start([*QUANTIZE, "--out", run], tmp_path)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "running" and interrupted_run(run)
+    assert not list(run.glob("*.tflite")) and not list(run.glob("*.onnx"))  # nothing under a finished name
+    again = start([*QUANTIZE_QAT, "--out", run], tmp_path)
     _, err = again.communicate(timeout=600)
     assert again.returncode == 0, err
-    assert tflite_digests(run) == reference
+    assert tflite_digests(run) == qat_reference
+    resumed = json.loads((run / "manifest.json").read_text())["stages"]["qat"]["resumed_from_step"]
+    if stage == "qat":
+        assert resumed is not None and 1 <= resumed <= 6
+    elif stage != "fold":  # QAT was over: its final state is resumed, no step is trained again
+        assert resumed == 6
+    assert not state.exists() and not (run / ".incomplete").exists()
 
 
 def test_a_run_in_progress_is_never_replaced(tmp_path):

@@ -85,10 +85,14 @@ def _image_dir(root: Path, n: int) -> Path:
     return root
 
 
-def _torchrun(nproc: int, images: Path, out: Path) -> dict:
+def _torchrun_command(nproc: int, images: Path, out: Path, *extra) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            str(HERE / "qat_ddp_job.py"), str(images), str(out), *map(str, extra)]
+
+
+def _torchrun(nproc: int, images: Path, out: Path, *extra) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(HERE / "qat_ddp_job.py"), str(images), str(out)]
+    cmd = _torchrun_command(nproc, images, out, *extra)
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return torch.load(out, weights_only=True)
@@ -112,3 +116,93 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path)
         assert (diff > 1e-6).float().mean().item() < 0.01, k
     for name, (lo, hi) in one["ranges"].items():
         assert two["ranges"][name] == pytest.approx((lo, hi), rel=1e-5, abs=1e-6)
+
+
+class _StopAt(KeyboardInterrupt):
+    pass
+
+
+def _bar_stopping_at(step):
+    class Bar:
+        def __init__(self):
+            self.n = 0
+
+        def update(self, k):
+            self.n += k
+            if self.n == step:
+                raise _StopAt()
+
+        def close(self):
+            pass
+    return lambda total, desc: Bar()
+
+
+def test_qat_interrupted_mid_epoch_resumes_to_exactly_the_uninterrupted_result(tmp_path, tiny_model):
+    images = qat_images(str(_image_dir(tmp_path / "imgs", 12)))
+    folded = fold_batchnorms(tiny_model)
+    x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    start = node_ranges(trace(folded), batches(x, 4))
+    config = qat.QATConfig(batch_size=4, epochs=2, lr=1e-3, range_tracking=0.5, checkpoint_minutes=0)
+    whole = qat.finetune(folded, images, Preprocessing(32), start, config=config)
+    state = tmp_path / "qat-state.pt"
+    with pytest.raises(_StopAt):  # stopped during step 5 of 6 (epoch 2): state of step 4 saved
+        qat.finetune(folded, images, Preprocessing(32), start, config=config, state_path=state,
+                     progress_factory=_bar_stopping_at(5))
+    lines = []
+    resumed = qat.finetune(folded, images, Preprocessing(32), start, config=config, state_path=state,
+                           log=lines.append)
+    assert f"QAT resumed from {state}: step 4 of 6 done" in lines and resumed.resumed_from_step == 4
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.ranges == whole.ranges and resumed.history == whole.history
+    other = qat.QATConfig(batch_size=4, epochs=2, lr=2e-3, checkpoint_minutes=0)  # another job: starts over
+    lines.clear()
+    again = qat.finetune(folded, images, Preprocessing(32), start, config=other, state_path=state, log=lines.append)
+    assert again.resumed_from_step is None and any("QAT starts over" in l for l in lines)
+
+
+def test_ddp_qat_killed_mid_run_resumes_under_torchrun_to_the_uninterrupted_result(tmp_path):
+    """Two gloo processes under torchrun, SIGKILLed (the whole process group) once a state
+    is saved; the same torchrun command resumes and ends with the uninterrupted weights."""
+    import signal
+    import time
+
+    from edgestar.checkpointing import load_state
+
+    images = _image_dir(tmp_path / "imgs", 16)  # 2 steps an epoch at the global batch of 8
+    whole = _torchrun(2, images, tmp_path / "whole.pt", tmp_path / "unused-state.pt", 15)
+    state = tmp_path / "state.pt"
+    proc = subprocess.Popen(_torchrun_command(2, images, tmp_path / "cut.pt", state, 15),
+                            env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not state.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.01)
+    for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun and both workers (own sessions)
+        os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (tmp_path / "cut.pt").exists()
+    saved = load_state(state)["step"]
+    resumed = _torchrun(2, images, tmp_path / "cut.pt", state, 15)
+    assert resumed["resumed_from_step"] == saved and 1 <= saved < whole["steps"]
+    assert all(torch.equal(whole["weights"][k], resumed["weights"][k]) for k in whole["weights"])
+    assert resumed["ranges"] == whole["ranges"]
+
+
+def _descendants(pid: int) -> list[int]:
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found

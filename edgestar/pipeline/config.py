@@ -61,6 +61,7 @@ class QuantizeConfig:
     qat_steps: int | None = None  # stop QAT after this many steps (smoke tests, quick runs)
     qat_lr: float = 2e-5
     qat_batch: int = 64
+    qat_checkpoint_minutes: float = 5.0  # QAT state saved this often (and every epoch) for resuming
     out: Path | None = None
     allow_pickle: bool = False
     seed: int = 0
@@ -140,6 +141,7 @@ def qat_options(config: QuantizeConfig):
     from edgestar.quant.qat import QATConfig
 
     return QATConfig(epochs=config.qat_epochs, batch_size=config.qat_batch, lr=config.qat_lr,
-                     max_steps=config.qat_steps, seed=config.seed)
+                     max_steps=config.qat_steps, seed=config.seed,
+                     checkpoint_minutes=config.qat_checkpoint_minutes)
 
 

@@ -46,7 +46,7 @@ from edgestar.models.starnet import count_batchnorms, count_params
 from edgestar.pipeline.config import DISTILLED, QuantizeConfig, check_config, config_dict, ptq_techniques
 from edgestar.pipeline.gate import gate
 from edgestar.pipeline.run import CONVERT_LOG, Run
-from edgestar.pipeline.rundir import RunDir, default_out, files_digest, tool_versions
+from edgestar.pipeline.rundir import QAT_STATE, RunDir, default_out, files_digest, tool_versions
 from edgestar.pipeline.scoring import (engine_metrics, evaluate_tflite, evaluation_images, micro_metrics,
                                        reference_logits, sanity_warnings)
 from edgestar.pipeline.torch_work import (calibration_set, fold_for_target, logits_of, measure_ranges,
@@ -248,10 +248,11 @@ def bias_correction(run: Run) -> None:
 def qat(run: Run) -> None:
     with run.dir.stage("qat") as rec:
         result = run.qat = qat_finetune(run.folded, run.calib, run.pre, run.config, run.techniques,
-                                     run.progress, run.log)
+                                     run.progress, run.log, state_path=run.dir.staged(QAT_STATE))
         run.folded = result.model
         rec.update(images=result.images, world_size=result.world_size, seconds=result.seconds,
-                   history=result.history, options=result.config, tensors=len(result.ranges))
+                   history=result.history, options=result.config, tensors=len(result.ranges),
+                   resumed_from_step=result.resumed_from_step)
 
 
 def export(run: Run) -> None:

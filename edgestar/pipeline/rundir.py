@@ -24,6 +24,10 @@ MANIFEST_VERSION = 1
 SUPPORTED_MANIFEST_VERSIONS = (MANIFEST_VERSION,)  # what load_manifest accepts
 TOOL_PACKAGES = ("torch", "tensorflow", "onnx", "onnx2tf", "onnxruntime", "ai-edge-litert", "numpy")
 STAGING = ".incomplete"  # files of a run in progress; emptied when it ends
+# Staged files an interrupted run keeps for the run that redoes it (training state to resume
+# from); removed when a run ends any other way.
+QAT_STATE = "qat-state.pt"
+RESUMABLE = (QAT_STATE,)
 
 
 class RunDir:
@@ -63,7 +67,10 @@ class RunDir:
         write the manifest so far; whether it was created (rather than found)."""
         self.check_new(root)
         if Path(root).is_dir() and interrupted_run(Path(root)):
-            for item in Path(root).iterdir():
+            keep = {Path(root) / STAGING / name for name in RESUMABLE}
+            for item in [*Path(root).iterdir(), *(Path(root) / STAGING).glob("*")]:
+                if item.name == STAGING or item in keep or not os.path.lexists(item):
+                    continue
                 shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
         created = not Path(root).exists()
         ensure_writable_dir(root)
@@ -148,24 +155,27 @@ class RunDir:
         """End a failed (or ``interrupted``) run: every staged file but the logs leaves the
         staging folder as ``<name>.failed`` (registered or not: the converter writes models
         before they are checked), and the manifest says ``status``."""
-        self._unstage(suffix=".failed")
+        self._unstage(suffix=".failed", keep_resumable=status == "interrupted")
         self.manifest["status"] = status
         self.save()
 
-    def _unstage(self, suffix: str) -> None:
+    def _unstage(self, suffix: str, keep_resumable: bool = False) -> None:
         folder = self.root / STAGING
         if not folder.is_dir():
             return
         artifacts = {info["path"]: info for info in self.manifest["artifacts"].values()}
         for src in sorted(folder.iterdir()):
-            if src.name.endswith((".tmp", ".partial")):  # a write that never completed
+            if src.name in RESUMABLE and keep_resumable:
+                continue
+            if src.name.endswith((".tmp", ".partial")) or src.name in RESUMABLE:  # unfinished, or done with
                 src.unlink()
                 continue
             name = src.name if src.suffix == ".log" else src.name + suffix
             os.replace(src, self.root / name)
             if src.name in artifacts:
                 artifacts[src.name]["path"] = name
-        folder.rmdir()
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def interrupted_run(root: Path) -> bool:

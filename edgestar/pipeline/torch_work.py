@@ -11,6 +11,7 @@ from edgestar.data.images import Preprocessing, batches, calibration_inputs, rea
 from edgestar.models.checkpoints import build_model
 from edgestar.models.starnet import fold_batchnorms, split_large_depthwise
 from edgestar.pipeline.config import DISTILLED, QuantizeConfig, ptq_techniques, qat_options
+from edgestar.pipeline.rundir import QAT_STATE, STAGING
 from edgestar.quant.ptq import EXACT as EXACT_RESCALINGS
 from edgestar.quant.ptq import calibration_ranges, correct_biases, rescale
 
@@ -74,7 +75,8 @@ def qat_follower(config: QuantizeConfig) -> None:
     folded = fold_for_target(model, calib, pre, config.target, techniques, {})
     if "bias-correct" in techniques:
         folded, _ = correct_biases(folded, batches(calib, batch_size_for(pre.img_size)))
-    qat_finetune(folded, calib, pre, config, techniques, None, None)
+    state = Path(config.out) / STAGING / QAT_STATE if config.out else None  # rank 0 writes it
+    qat_finetune(folded, calib, pre, config, techniques, None, None, state_path=state, save_state=False)
 
 
 def calibration_set(model, pre, config: QuantizeConfig, progress_factory):
@@ -108,8 +110,10 @@ def fold_for_target(model, calib: np.ndarray, pre, target: str, techniques, rec:
     return folded
 
 
-def qat_finetune(folded, calib: np.ndarray, pre, config: QuantizeConfig, techniques, progress_factory, log):
-    """QAT of the folded model, its quantizers starting from the calibration ranges."""
+def qat_finetune(folded, calib: np.ndarray, pre, config: QuantizeConfig, techniques, progress_factory, log, *,
+                 state_path=None, save_state: bool = True):
+    """QAT of the folded model, its quantizers starting from the calibration ranges; resumed
+    from (and saving) the training state at ``state_path`` when given."""
     from edgestar.data.images import qat_images
     from edgestar.quant.qat import finetune
     from edgestar.quant.ranges import trace
@@ -117,5 +121,5 @@ def qat_finetune(folded, calib: np.ndarray, pre, config: QuantizeConfig, techniq
     images = qat_images(config.train or config.calib)
     start = calibration_ranges(trace(folded), lambda: batches(calib, batch_size_for(pre.img_size)),
                                mse="mse-ranges" in techniques)
-    return finetune(folded, images, pre, start, config=qat_options(config),
-                    progress_factory=progress_factory, log=log)
+    return finetune(folded, images, pre, start, config=qat_options(config), state_path=state_path,
+                    save_state=save_state, progress_factory=progress_factory, log=log)

@@ -19,7 +19,10 @@ TFLite quantizes it (onnx2tf would drop QDQ scales, so they are not exported as 
 deployed model uses the very ranges the model was trained with.
 
 Training distils the float model's logits (KL divergence), so labels are not needed and the
-objective is agreement with the model the user trusted. Under ``torchrun`` the same function
+objective is agreement with the model the user trusted. The training state is saved every few minutes and after every epoch
+when a ``state_path`` is given, and a later call with the same inputs resumes from it: every
+random choice (batch order, augmentation) is drawn from (seed, epoch, image), so a resumed run
+takes exactly the steps the uninterrupted run would have. Under ``torchrun`` the same function
 runs with DistributedDataParallel (gloo on CPU, nccl on GPUs): each process takes a slice of
 every global batch, and range statistics are reduced across processes so every process
 tracks identical ranges.
@@ -56,6 +59,7 @@ class QATConfig:
     max_steps: int | None = None
     augment: bool = True
     seed: int = 0
+    checkpoint_minutes: float = 5.0  # training state saved this often and after every epoch (0: every step)
 
     def validate(self, world_size: int = 1) -> None:
         if self.epochs < 1:
@@ -67,6 +71,8 @@ class QATConfig:
             raise InputError(f"--qat-lr must be positive, got {self.lr}")
         if self.max_steps is not None and self.max_steps < 1:
             raise InputError(f"--qat-steps must be at least 1, got {self.max_steps}")
+        if not self.checkpoint_minutes >= 0:
+            raise InputError(f"--qat-checkpoint-minutes must be 0 or more, got {self.checkpoint_minutes}")
 
 
 @dataclass
@@ -79,6 +85,7 @@ class QATResult:
     world_size: int = 1
     seconds: float = 0.0
     images: int = 0
+    resumed_from_step: int | None = None
 
 
 # --------------------------------------------------------------------------- TFLite's arithmetic
@@ -279,34 +286,54 @@ def distributed_context() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def _state_key(model, images, pre, ranges, config: QATConfig, world: int) -> str:
+    """What a QAT result depends on; a saved state with another key is never resumed."""
+    from edgestar.checkpointing import fingerprint, tensors_digest
+
+    options = {k: v for k, v in asdict(config).items() if k != "checkpoint_minutes"}
+    return fingerprint(options=options, start=tensors_digest(model.state_dict()), ranges=sorted(ranges.items()),
+                       images=[str(path) for path, _ in images.samples], size=pre.img_size, world=world)
+
+
 def finetune(model: nn.Module, images: ImageFolder, pre: Preprocessing,
              ranges: dict[str, tuple[float, float]], *, config: QATConfig = QATConfig(),
-             progress_factory=None, log=None) -> QATResult:
+             state_path=None, save_state: bool = True, progress_factory=None, log=None) -> QATResult:
     """Fine-tune the folded float ``model`` with INT8 simulation, distilling its own logits.
 
     ``ranges`` (fx node -> (min, max), e.g. :func:`edgestar.calibrate.node_ranges` on the
     calibration set) initialise the activation quantizers. ``model`` is not modified.
+    With ``state_path``, a state saved there for the same inputs is resumed from, and the
+    state is saved there (by the first process only, and when ``save_state``) every
+    ``config.checkpoint_minutes`` and after every epoch.
     """
+    from edgestar.checkpointing import load_state
+    from edgestar.checkpointing import save_state as write_state
     from edgestar.data.decoded import IN_MEMORY_LIMIT_BYTES, DecodedImages, normalize_uint8
 
     log = log or (lambda msg: None)
     rank, world = distributed_context()
     config.validate(world)
     torch.manual_seed(config.seed)
+    key = _state_key(model, images, pre, ranges, config, world) if state_path is not None else None
     teacher = copy.deepcopy(model).eval()
     student = copy.deepcopy(model).eval()
     sim = simulate(student, ranges, momentum=config.range_momentum)
     net = sim
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(sim, broadcast_buffers=False)
     in_memory = len(images) * pre.img_size**2 * 3 <= IN_MEMORY_LIMIT_BYTES
     dataset = _Indexed(DecodedImages(images, pre, in_memory=in_memory))
     per_process = config.batch_size // world
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=config.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=per_process, sampler=sampler,
-                                         drop_last=len(dataset) >= config.batch_size)
-    steps_per_epoch = max(1, len(loader))
+    drop_last = len(dataset) >= config.batch_size
+
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        """This process's batches of ``epoch`` (what a DataLoader over ``sampler`` yields)."""
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        chunks = [order[i:i + per_process] for i in range(0, len(order), per_process)]
+        return chunks[:-1] if drop_last and chunks and len(chunks[-1]) < per_process else chunks
+
+    steps_per_epoch = max(1, len(epoch_batches(0)))
     total = config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total = min(total, config.max_steps)
@@ -314,12 +341,41 @@ def finetune(model: nn.Module, images: ImageFolder, pre: Preprocessing,
     params = [p for p in sim.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     quantizers = [m for m in sim.modules() if isinstance(m, ActQuant)]
+
+    history, step, start_epoch, position, loss_sum, seen, seconds_before = [], 0, 0, 0, 0.0, 0, 0.0
+    state = load_state(state_path) if state_path is not None else None
+    resumed = None
+    if state is not None and state["key"] == key:
+        sim.load_state_dict(state["model"])  # the student's weights too: sim shares them
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        history, step, start_epoch, position = state["history"], state["step"], state["epoch"], state["position"]
+        loss_sum, seen, seconds_before = state["loss_sum"], state["seen"], state["seconds"]
+        resumed = step
+        log(f"QAT resumed from {state_path}: step {step} of {total} done")
+    elif state is not None:
+        log(f"QAT state {state_path} is for other inputs or settings; QAT starts over")
+    writes = state_path is not None and save_state and rank == 0
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(sim, broadcast_buffers=False)
     bar = progress_factory(total, "QAT steps") if progress_factory and rank == 0 else None
-    history, step, t0 = [], 0, time.perf_counter()
-    for epoch in range(config.epochs):
-        sampler.set_epoch(epoch)
-        loss_sum = seen = 0
-        for imgs, index in loader:
+    if bar is not None and step:
+        bar.update(step)
+    t0 = last_save = time.perf_counter()
+
+    def checkpoint(epoch: int, position: int) -> None:
+        write_state(state_path, key=key, model=sim.state_dict(), optimizer=opt.state_dict(),
+                    rng=torch.get_rng_state(), history=history, step=step, epoch=epoch, position=position,
+                    loss_sum=loss_sum, seen=seen, seconds=seconds_before + time.perf_counter() - t0)
+
+    for epoch in range(start_epoch, config.epochs):
+        if step >= total:
+            break
+        skip = position if epoch == start_epoch else 0
+        if not skip:
+            loss_sum, seen = 0.0, 0
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=epoch_batches(epoch)[skip:])
+        for position, (imgs, index) in enumerate(loader, start=skip + 1):
             if step >= total:
                 break
             for q in quantizers:
@@ -341,10 +397,15 @@ def finetune(model: nn.Module, images: ImageFolder, pre: Preprocessing,
             step += 1
             if bar is not None:
                 bar.update(1)
+            if writes and time.perf_counter() - last_save >= 60 * config.checkpoint_minutes:
+                checkpoint(epoch, position)
+                last_save = time.perf_counter()
         history.append({"epoch": epoch + 1, "kd_loss": loss_sum / max(seen, 1), "steps": step})
         log(f"QAT epoch {epoch + 1}: distillation loss {history[-1]['kd_loss']:.5f}")
-        if step >= total:
-            break
+        position = 0
+        if writes:  # also after the last epoch: a run killed after QAT need not train again
+            checkpoint(epoch + 1, 0)
+            last_save = time.perf_counter()
     if bar is not None:
         bar.close()
     for q in quantizers:
@@ -352,4 +413,4 @@ def finetune(model: nn.Module, images: ImageFolder, pre: Preprocessing,
     sim.eval()
     student.eval()
     return QATResult(student, sim, simulated_ranges(sim), history, asdict(config), world,
-                     round(time.perf_counter() - t0, 1), len(images))
+                     round(seconds_before + time.perf_counter() - t0, 1), len(images), resumed)
