@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -98,3 +99,28 @@ def path_fingerprint(path: Path) -> str:
                 continue
             h.update(f"{p.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
+
+
+def scratch_dir(kind: str) -> tempfile.TemporaryDirectory:
+    """A temporary folder ``edgestar-<kind>-<pid>-XXXXXXXX`` for this process's scratch files,
+    removed when the ``with`` block ends. A process killed with SIGKILL cannot remove its own,
+    so scratch folders whose process is gone are removed first."""
+    remove_orphaned_scratch()
+    return tempfile.TemporaryDirectory(prefix=f"edgestar-{kind}-{os.getpid()}-")
+
+
+def remove_orphaned_scratch() -> None:
+    for folder in Path(tempfile.gettempdir()).glob("edgestar-*-*-*"):
+        pid = folder.name.split("-")[2]
+        if pid.isdigit() and folder.is_dir() and not folder.is_symlink() and not _process_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -230,4 +231,93 @@ def test_ssh_with_a_benchmark_model_binary(demo_run, board, tmp_path):
     (ops,) = [p["op_types"] for p in result["op_profile"] if p["model"] == "tflite int8"]
     assert {o["op_type"] for o in ops} >= {"DEPTHWISE_CONV_2D", "MUL", "CONV_2D"}
     assert "op types by time, tflite int8" in res.stderr
+    assert remote_folders() == before
+
+
+# --------------------------------------------------------------------------- interruptions (issue 15)
+
+def _descendants(pid: int) -> list[int]:
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [p for p, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def _start_and_signal(args, sig, *, wait_for_children=1):
+    """Start ``edgestar bench``, wait until it is timing (its runner processes are up), signal it."""
+    import signal  # noqa: F401 - the caller's signal numbers
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "edgestar.cli", *map(str, args)], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while len(_descendants(proc.pid)) < wait_for_children:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(1.0)  # well into the timing rounds
+    children = _descendants(proc.pid)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    time.sleep(0.5)
+    return proc.returncode, err, [p for p in children if _alive(p)]
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie has ended: it only waits for a parent to collect its status)."""
+    try:
+        return (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130), ("SIGKILL", -9)])
+def test_an_interrupted_local_bench_leaves_the_run_as_it_was_and_the_same_command_finishes(run_copy, sig, code):
+    import signal
+
+    before = (run_copy / "manifest.json").read_bytes()
+    earlier = set(Path(tempfile.gettempdir()).glob("edgestar-bench-*"))
+    args = ["bench", run_copy, "--runs", 400, "--warmup", 1, "--threads", 1, "-q"]
+    returncode, err, left = _start_and_signal(args, getattr(signal, sig))
+    assert returncode == code, err
+    folders = set(Path(tempfile.gettempdir()).glob("edgestar-bench-*")) - earlier
+    if sig != "SIGKILL":  # a signal it can handle: one line, no traceback, no runner left
+        assert err.strip().splitlines()[-1] == f"Error: interrupted by {sig}; run the command again to redo or resume"
+        assert "Traceback" not in err and not left, left
+    for p in left:  # after SIGKILL the runner dies with its parent (children.die_with_parent)
+        pytest.fail(f"process {p} outlived the killed bench: {Path(f'/proc/{p}/cmdline').read_bytes()!r}")
+    assert (run_copy / "manifest.json").read_bytes() == before  # no half-recorded latency
+    assert not (run_copy / "bench.json").exists() and not list(run_copy.glob(".*.tmp"))
+    res = edgestar("bench", run_copy, "--runs", 5, "--warmup", 1, "--threads", 1, "--json", "-q")
+    assert res.returncode == 0, res.stderr
+    assert "local" in json.loads((run_copy / "manifest.json").read_text())["device_latency"]
+    # the killed bench's copies of the models: removed by the next bench (their process is gone)
+    assert not folders & set(Path(tempfile.gettempdir()).glob("edgestar-bench-*"))
+
+
+def test_sigterm_ends_the_ssh_session_and_cleans_the_board(demo_run, board):
+    import signal
+
+    before = remote_folders()
+    args = ["bench", demo_run / "starnet_s1_32_int8.tflite", "--device", "ssh://board", "--ssh-config",
+            board.config, "--remote-python", sys.executable, "--runs", 3000, "--warmup", 0, "--threads", 1,
+            "--no-save"]
+    returncode, err, left = _start_and_signal(args, signal.SIGTERM)
+    assert returncode == 143, err
+    assert err.strip().splitlines()[-1] == "Error: interrupted by SIGTERM; run the command again to redo or resume"
+    assert not left, left  # the ssh client is gone
+    import time
+
+    deadline = time.monotonic() + 20  # sshd ends the remote command when the session goes
+    while (subprocess.run(["pgrep", "-f", "board_runner.py job.json"], capture_output=True).returncode == 0
+           and time.monotonic() < deadline):
+        time.sleep(0.2)
+    assert subprocess.run(["pgrep", "-f", "board_runner.py job.json"], capture_output=True).returncode == 1
     assert remote_folders() == before

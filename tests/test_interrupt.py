@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -122,11 +123,14 @@ def test_sigkill_in_any_stage_leaves_nothing_finished_and_the_command_finishes_t
     proc.communicate(timeout=60)
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "running" and interrupted_run(run)
+    scratch = list(Path(tempfile.gettempdir()).glob(f"edgestar-*-{proc.pid}-*"))
+    assert scratch  # the killed process's scratch folders (ONNX copies, converter files) ...
     assert not list(run.glob("*.tflite")) and not list(run.glob("*.onnx"))  # nothing under a finished name
     again = start([*QUANTIZE_QAT, "--out", run], tmp_path)
     _, err = again.communicate(timeout=600)
     assert again.returncode == 0, err
     assert tflite_digests(run) == qat_reference
+    assert not [p for p in scratch if p.exists()]  # ... removed by the next run
     resumed = json.loads((run / "manifest.json").read_text())["stages"]["qat"]["resumed_from_step"]
     if stage == "qat":
         assert resumed is not None and 1 <= resumed <= 6

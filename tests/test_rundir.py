@@ -112,3 +112,24 @@ def test_written_files_get_default_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "manifest.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_scratch_folders_of_killed_processes_are_removed_by_the_next(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import tempfile
+
+    from edgestar.files import scratch_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid belongs to nobody now
+    orphan = tmp_path / f"edgestar-convert-{gone.pid}-abcd1234"
+    alive = tmp_path / f"edgestar-convert-{os.getpid()}-efgh5678"
+    other = tmp_path / f"edgestar-{gone.pid}"  # not a scratch folder's name: never touched
+    for folder in (orphan, alive, other):
+        (folder / "sub").mkdir(parents=True)
+    with scratch_dir("bench") as tmp:
+        assert os.path.basename(tmp).startswith(f"edgestar-bench-{os.getpid()}-")
+        assert not orphan.exists() and alive.is_dir() and other.is_dir()
+    assert not os.path.exists(tmp)

@@ -22,7 +22,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from edgestar.children import child_env
 from edgestar.convert import FORMATS, IO_TYPES
 from edgestar.data.images import save_nhwc
 from edgestar.errors import StageError
-from edgestar.files import atomic_write_bytes
+from edgestar.files import atomic_write_bytes, scratch_dir
 
 ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
 SPEC_FILE = "spec.json"
@@ -64,7 +63,7 @@ class Conversion:
     def __init__(self, log_path: Path):
         self.log_path = Path(log_path)
         self.outputs: dict[str, Path] = {}
-        self._tmp = tempfile.TemporaryDirectory(prefix="edgestar-convert-")
+        self._tmp = scratch_dir("convert")
         self.work = Path(self._tmp.name)
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "edgestar.convert.worker", "--serve", str(self.work)],
@@ -180,7 +179,7 @@ class Requantizer:
     def __init__(self, calibrated: Path, io_type: str, log_path: Path, *, timeout_s: float = 600.0):
         if io_type not in IO_TYPES:
             raise ValueError(f"unknown io type {io_type}")
-        self._tmp = tempfile.TemporaryDirectory(prefix="edgestar-requantize-")
+        self._tmp = scratch_dir("requantize")
         self.work = Path(self._tmp.name)
         self._count = 0
         self.timeout_s = timeout_s  # per request; one takes seconds even at 224 px

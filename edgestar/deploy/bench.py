@@ -18,7 +18,6 @@ import json
 import math
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -30,6 +29,7 @@ from edgestar.deploy.devices import KERNELS, Device, parse_device
 from edgestar.deploy.models import BenchModel, collect_models
 from edgestar.deploy.stats import latency_stats, speedup
 from edgestar.errors import EdgestarError, InputError, StageError
+from edgestar.files import scratch_dir
 
 BENCH_FILE = "bench.json"
 BENCH_VERSION = 1
@@ -223,7 +223,7 @@ def _runner(models, device, config, threads, kernels, settings, log, progress_fa
     job["deadline_s"] = timeout
     python = [sys.executable] if device.kind == "local" else remote_python(config)
 
-    with tempfile.TemporaryDirectory(prefix="edgestar-bench-") as tmp:
+    with scratch_dir("bench") as tmp:
         staged = _staged_copies(tmp, files)
         for name, p in prepared.items():
             np.save(Path(tmp) / f"{name}.eval.npy", p.inputs)
@@ -365,7 +365,7 @@ def _binary(models, device, config, threads, kernels, settings, log) -> BenchRes
     runs: dict[tuple, list] = {}
     profiles = {}
     transport = _transport(device, config)
-    with tempfile.TemporaryDirectory(prefix="edgestar-bench-") as tmp:
+    with scratch_dir("bench") as tmp:
         binary = Path(tmp) / "benchmark_model"
         shutil.copyfile(config.benchmark_binary, binary)
         with transport:

@@ -281,5 +281,23 @@ def system_info():
     return info
 
 
+def _die_with_local_parent() -> None:
+    """Started by edgestar on this machine (``local``: the parent's pid is in the environment):
+    ask Linux for SIGKILL when that parent dies, even by SIGKILL, so a killed ``bench`` leaves no
+    runner timing on. (This file runs standalone on boards: it cannot import edgestar.)"""
+    parent = os.environ.get("EDGESTAR_PARENT_PID")
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # the parent died before the prctl
+        os._exit(1)
+
+
 if __name__ == "__main__":
+    _die_with_local_parent()
     sys.exit(main(sys.argv))

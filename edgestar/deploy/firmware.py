@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from edgestar.errors import InputError, StageError
+from edgestar.files import scratch_dir
 
 ASSETS = Path(__file__).resolve().parent.parent.parent / "firmware_assets"
 
@@ -393,8 +394,6 @@ def litert_reference(model: Path, x: np.ndarray) -> np.ndarray:
     """LiteRT's reference kernels (``BUILTIN_REF``) on int8 inputs ``x``. ai-edge-litert 2.1's
     BUILTIN_REF registers REVERSE_V2 only up to version 2 (int8 versions 2 and 3 compute the
     same), so it runs a copy that declares version 2."""
-    import tempfile
-
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     from edgestar.convert.tflite_file import flatbuffer_schema, pack_model
@@ -406,7 +405,7 @@ def litert_reference(model: Path, x: np.ndarray) -> np.ndarray:
     for code in obj.operatorCodes:
         if max(code.builtinCode, code.deprecatedBuiltinCode) == s.BuiltinOperator.REVERSE_V2:
             code.version = min(code.version, 2)
-    with tempfile.TemporaryDirectory(prefix="edgestar-ref-") as tmp:
+    with scratch_dir("ref") as tmp:
         copy = Path(tmp) / "model.tflite"
         copy.write_bytes(pack_model(obj, size_hint=len(data)))
         with without_litert_banner():
@@ -655,8 +654,6 @@ def patched_model(model: Path, facts: ModelFacts, out: Path, config: FirmwareCon
     counts given, or (``auto``) those of a small grid with the smallest arena in TFLite Micro's
     interpreter. The result must give the unpatched model's outputs bit for bit on the
     evaluation images (TFLite Micro's interpreter), or the run stops."""
-    import tempfile
-
     from edgestar.convert.patches import patch_first_layers
     from edgestar.evaluate.runners import micro_timeout_s, run_micro
     from edgestar.files import atomic_write_bytes, ensure_writable_dir
@@ -664,7 +661,7 @@ def patched_model(model: Path, facts: ModelFacts, out: Path, config: FirmwareCon
     ensure_writable_dir(out)
     before = measure_arena(model)
     best = None
-    with tempfile.TemporaryDirectory(prefix="edgestar-patches-") as tmp:
+    with scratch_dir("patches") as tmp:
         for strips, star in parse_patches(config.patches):
             data, summary = patch_first_layers(facts.data, strips=strips, star_strips=star)
             trial = Path(tmp) / "trial.tflite"

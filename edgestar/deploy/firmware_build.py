@@ -26,7 +26,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from edgestar.errors import InputError, StageError
+from edgestar.files import scratch_dir
 
 
 @dataclass(frozen=True)
@@ -321,7 +321,7 @@ def run_qemu(elf: Path, cpu: str, pixels: np.ndarray, *, timeout_s: float = 600)
                          + ", ".join(f"{c} on {m.name}" for c, m in MACHINES.items()) + ")")
     machine = MACHINES[cpu]
     qemu = tool("qemu-system-arm")
-    with tempfile.TemporaryDirectory(prefix="edgestar-qemu-") as tmp:
+    with scratch_dir("qemu") as tmp:
         (Path(tmp) / "edgestar_inputs.bin").write_bytes(np.ascontiguousarray(pixels, np.uint8).tobytes())
         t0 = time.monotonic()
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import secrets
 import shlex
+import os
 import shutil
 import subprocess
 import tempfile
@@ -94,7 +95,7 @@ class LocalTransport(Transport):
         self.warnings: list[str] = []
 
     def make_folder(self) -> str:
-        return tempfile.mkdtemp(prefix="edgestar-bench-")
+        return tempfile.mkdtemp(prefix=f"edgestar-bench-{os.getpid()}-")  # see files.scratch_dir
 
     def push(self, files):
         for f in files:

@@ -26,11 +26,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from edgestar.children import exit_status
 from edgestar.errors import InputError, StageError
+from edgestar.files import scratch_dir
 
 VELA_PACKAGE = "ethos-u-vela"  # on PyPI; pinned by setup.cfg's [npu] extra
 INSTALL_HINT = 'pip install "edgestar[npu]"'
@@ -154,7 +154,7 @@ def vela_estimate(model: Path, *, accelerator: str = "ethos-u55-128", system_con
     memory_mode = memory_mode or default_memory
     _check_config_names(system_config, memory_mode)
 
-    with tempfile.TemporaryDirectory(prefix="edgestar-vela-") as tmp:
+    with scratch_dir("vela") as tmp:
         out = Path(tmp)
         _run_vela(model, out, accelerator, system_config, memory_mode, timeout_s)
         compiled = out / f"{model.stem}_vela.tflite"

@@ -17,6 +17,7 @@ import numpy as np
 from edgestar.children import exit_status as _exit_status
 from edgestar.children import last_line as _last_line
 from edgestar.errors import StageError
+from edgestar.files import scratch_dir
 
 LITERT_BANNER = "INFO: Created TensorFlow Lite XNNPACK delegate"
 
@@ -236,12 +237,11 @@ def run_micro(path: Path, inputs: np.ndarray, *, arena_size: int, timeout_s: flo
     """Outputs of TFLite Micro's interpreter on ``inputs`` (already in the model's input type
     and layout), computed in a child process that is killed after ``timeout_s`` seconds."""
     import subprocess
-    import tempfile
 
     from edgestar.children import child_env
 
     path = Path(path)
-    with tempfile.TemporaryDirectory(prefix="edgestar-tflm-") as tmp:
+    with scratch_dir("tflm") as tmp:
         np.save(f"{tmp}/in.npy", inputs)
         command = _micro_command(path, f"{tmp}/in.npy", f"{tmp}/out.npy", arena_size)
         try:

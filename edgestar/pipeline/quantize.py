@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -39,7 +38,7 @@ from edgestar.data.images import batches
 from edgestar.errors import InputError, StageError, interrupt_name
 from edgestar.evaluate.runners import OnnxRunner, TorchRunner
 from edgestar.export.onnx_export import export_onnx, max_abs_diff, onnx_op_counts
-from edgestar.files import atomic_write_json
+from edgestar.files import atomic_write_json, scratch_dir
 from edgestar.memory import peak_rss_mb, release_freed_memory
 from edgestar.models.checkpoints import build_model, sha256_file
 from edgestar.models.starnet import count_batchnorms, count_params
@@ -103,7 +102,7 @@ def quantize(config: QuantizeConfig, *, progress_factory=None, log=None) -> Quan
         RunDir.check_new(out)
     run_dir = RunDir.pending(tool="edgestar quantize", created=datetime.now(timezone.utc).isoformat(
         timespec="seconds"), config=config_dict(config), versions=tool_versions(), inputs={})
-    with tempfile.TemporaryDirectory(prefix="edgestar-scratch-") as scratch:
+    with scratch_dir("scratch") as scratch:
         from edgestar.pipeline.overlap import OverlappedConversion
 
         run = Run(config, run_dir, Path(scratch), log, progress_factory)
