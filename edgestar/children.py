@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -63,3 +64,33 @@ def exit_status(returncode: int) -> str:
     except ValueError:
         name = f"signal {-returncode}"
     return f"killed by {name}"
+
+
+def run_tool(argv: list[str], *, timeout: float | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(argv, capture_output=True, text=True)`` for a tool that starts processes
+    of its own (make starts compilers, g++ starts cc1plus and the assembler). It runs in a
+    process group of its own, and when edgestar stops while it runs (Ctrl-C, SIGTERM, an error,
+    ``timeout``: then ``subprocess.TimeoutExpired`` as from ``subprocess.run``) the whole group
+    is asked to stop with SIGTERM, on which make and gcc delete the file they were writing
+    (no truncated object is left to be linked later), and killed if still there after 5 s."""
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True, **kwargs) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            _stop_group(proc)
+            raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            break
+        try:
+            proc.wait(timeout=grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue

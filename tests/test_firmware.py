@@ -240,19 +240,27 @@ def run_firmware_qemu(run: Path, out: Path, cache: Path, *extra):
                            "--json", "-q", *extra], capture_output=True, text=True, timeout=1800, env=env)
 
 
+@pytest.fixture(scope="module")
+def qemu_firmware(micro_run, tmp_path_factory, tflm_cache):
+    """``firmware --run qemu`` for the Cortex-M55 (the first use builds the library): the
+    output folder and the JSON result."""
+    reason = qemu_missing()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path_factory.mktemp("qemu-firmware") / "graph"
+    res = run_firmware_qemu(micro_run, out, tflm_cache)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, json.loads(res.stdout)
+
+
 @pytest.mark.e2e
 @needs_tools
-def test_firmware_runs_on_an_emulated_cortex_m55_bit_exact(micro_run, tmp_path, tflm_cache):
+def test_firmware_runs_on_an_emulated_cortex_m55_bit_exact(micro_run, qemu_firmware, tmp_path, tflm_cache):
     """Built with arm-none-eabi-gcc and CMSIS-NN for the Cortex-M55, run on QEMU's mps3-an547
     with 4 demo images: every output equals TFLite Micro's x86 reference on the same int8
     input; the arena the firmware used is within what it reserved; instructions are counted.
     With --rotation app (no REVERSE_V2, the harness rotates) the outputs are the same."""
-    reason = qemu_missing()
-    if reason:
-        pytest.skip(reason)
-    res = run_firmware_qemu(micro_run, tmp_path / "graph", tflm_cache)
-    assert res.returncode == 0, res.stderr[-3000:]
-    result = json.loads(res.stdout)
+    graph, result = qemu_firmware
     b, q = result["build"], result["qemu"]
     assert b["cpu"] == "cortex-m55" and b["machine"] == "mps3-an547" and Path(b["elf"]).is_file()
     assert b["flash_bytes"] > result["model_bytes"] and b["code_bytes"] == b["flash_bytes"] - result["model_bytes"]
@@ -262,7 +270,7 @@ def test_firmware_runs_on_an_emulated_cortex_m55_bit_exact(micro_run, tmp_path, 
     assert q["instructions_min"] > 100_000 and q["instructions_max"] < 10 * q["instructions_min"]
     assert result["verdict"]["flash"]["code_bytes"] == b["code_bytes"]
     assert result["arena"]["reserve_from"] == "firmware" and q["arena_used_bytes"] == result["arena"]["firmware_used"]
-    info = (tmp_path / "graph" / f"{result['name']}_model_info.h").read_text()
+    info = (graph / f"{result['name']}_model_info.h").read_text()
     assert f"ArenaSize = {result['arena']['reserve']};" in info and "used inside the firmware" in info
 
     # the app rotates and the first layers run in strips: two exact rewrites, the same outputs
@@ -278,6 +286,54 @@ def test_firmware_runs_on_an_emulated_cortex_m55_bit_exact(micro_run, tmp_path, 
     # tensor by tensor: every op before the 1000-class head is equal)
     for check in (result["host_check"], app["host_check"]):
         assert check["images"] == 4 and check["max_abs_diff_lsb"] <= 2 and check["top1_agreement"] >= 0.75
+
+
+def _firmware_files(out: Path) -> dict:
+    """The firmware a user takes away: generated sources and the ELF, by content."""
+    files = [*out.glob("*.h"), *out.glob("*.cc"), *out.glob("*.mk"), *out.glob("build-*/*.elf")]
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(files)}
+
+
+@pytest.mark.e2e
+@needs_tools
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_firmware_interrupted_mid_build_then_run_again_gives_the_same_firmware(micro_run, qemu_firmware, tmp_path,
+                                                                               tflm_cache, sig):
+    """Stopped while it compiles or runs QEMU: SIGTERM ends it with one line, exit 143 and no
+    compiler or QEMU left; after SIGKILL the same command makes the very firmware (sources and
+    ELF, byte for byte) and results of an uninterrupted run."""
+    import signal
+    import time
+
+    reason = qemu_missing()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "fw"
+    env = dict(os.environ, EDGESTAR_CACHE=str(tflm_cache))
+    command = [sys.executable, "-m", "edgestar.cli", "firmware", str(micro_run), "--board", "corstone-300",
+               "--run", "qemu", "--tflm-root", str(TFLM_TREE), "--eval-samples", "4", "--out", str(out), "--json", "-q"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 600
+    while not list(out.glob("build-*/*.o")):  # compiling (the library comes from the module's cache)
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    tools = ("arm-none-eabi", "cc1plus", "qemu-system-arm", "make")
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    time.sleep(0.5)
+    if sig == "SIGTERM":
+        assert proc.returncode == 143, err
+        assert err.strip().splitlines()[-1] == "Error: interrupted by SIGTERM; run the command again to redo or resume"
+        for tool in tools:
+            assert subprocess.run(["pgrep", "-f", f"{tool}.*{out}"], capture_output=True).returncode == 1, tool
+        return
+    assert proc.returncode == -9
+    again = run_firmware_qemu(micro_run, out, tflm_cache)
+    assert again.returncode == 0, again.stderr[-3000:]
+    reference, b = qemu_firmware  # an uninterrupted run of the same command (another --out)
+    a = json.loads(again.stdout)
+    assert _firmware_files(out) == _firmware_files(reference)
+    assert a["qemu"] == b["qemu"] and a["arena"] == b["arena"] and a["build"]["sections"] == b["build"]["sections"]
 
 
 @pytest.mark.e2e

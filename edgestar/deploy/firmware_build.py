@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgestar.children import run_tool
 from edgestar.errors import InputError, StageError
 from edgestar.files import scratch_dir
 
@@ -151,8 +152,7 @@ def make_vars(cpu: str, kernels: str, build_dir: Path) -> list[str]:
 
 def print_flags(root: Path, cpu: str, kernels: str, build_dir: Path) -> dict:
     """``make print-flags``: the CXXFLAGS, CCFLAGS and INCLUDES the application must share."""
-    proc = subprocess.run(["make", "-s", "-C", str(root), *make_vars(cpu, kernels, build_dir), "print-flags"],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_tool(["make", "-s", "-C", str(root), *make_vars(cpu, kernels, build_dir), "print-flags"], timeout=120)
     flags = dict(re.findall(r"^(CXXFLAGS|CCFLAGS|INCLUDES|LIB): (.*)$", proc.stdout, re.M))
     if proc.returncode != 0 or "CXXFLAGS" not in flags:
         from edgestar.children import last_line
@@ -185,14 +185,13 @@ def tflm_library(root: Path, *, cpu: str, kernels: str, ops, full: bool = False,
     jobs = jobs or max(1, os.cpu_count() or 1)
     targets = [] if full else [str(build_dir / "obj" / re.sub(r"\.cc?$", ".o", s)) for s in sources]
     t0 = time.monotonic()
-    proc = subprocess.run(["make", "-C", str(root), f"-j{jobs}", *make_vars(cpu, kernels, build_dir),
-                           *(targets or ["lib"])], capture_output=True, text=True)
+    proc = run_tool(["make", "-C", str(root), f"-j{jobs}", *make_vars(cpu, kernels, build_dir), *(targets or ["lib"])])
     if proc.returncode != 0:
         raise StageError(f"building TFLite Micro failed: {last_line(proc.stderr, proc.stdout)}")
     if not full:
         tmp = lib.with_name(lib.name + ".partial")
         tmp.unlink(missing_ok=True)
-        ar = subprocess.run([tool("arm-none-eabi-ar"), "rcs", str(tmp), *targets], capture_output=True, text=True)
+        ar = run_tool([tool("arm-none-eabi-ar"), "rcs", str(tmp), *targets])
         if ar.returncode != 0:
             raise StageError(f"arm-none-eabi-ar failed: {last_line(ar.stderr)}")
         tmp.replace(lib)
@@ -262,8 +261,7 @@ def build(sources: Path, name: str, ops, *, cpu: str, tflm_root: Path, kernels: 
     for compiler, src in units:
         obj = out / (src.stem + ".o")
         cflags = flags["CXXFLAGS"] if compiler == gxx else flags["CCFLAGS"]
-        proc = subprocess.run([compiler, *cflags, "-O2", *flags["INCLUDES"], f"-I{sources}", "-c", str(src),
-                               "-o", str(obj)], capture_output=True, text=True)
+        proc = run_tool([compiler, *cflags, "-O2", *flags["INCLUDES"], f"-I{sources}", "-c", str(src), "-o", str(obj)])
         if proc.returncode != 0:
             raise StageError(f"compiling {src.name} failed: {last_line(proc.stderr)}")
         objects.append(obj)
@@ -271,9 +269,9 @@ def build(sources: Path, name: str, ops, *, cpu: str, tflm_root: Path, kernels: 
     arch = [f for f in flags["CXXFLAGS"] if f.startswith(("-mcpu", "-mfpu", "-mfloat-abi", "-mthumb"))]
 
     def link(library: Path):
-        return subprocess.run([gxx, *arch, "-nostartfiles", "--specs=rdimon.specs", f"-T{out / 'link.ld'}",
-                               "-Wl,--gc-sections", f"-Wl,-Map={out / (name + '.map')}", *map(str, objects),
-                               str(library), "-lm", "-o", str(elf) + ".partial"], capture_output=True, text=True)
+        return run_tool([gxx, *arch, "-nostartfiles", "--specs=rdimon.specs", f"-T{out / 'link.ld'}",
+                         "-Wl,--gc-sections", f"-Wl,-Map={out / (name + '.map')}", *map(str, objects),
+                         str(library), "-lm", "-o", str(elf) + ".partial"])
 
     proc = link(lib)
     if proc.returncode != 0 and "undefined reference" in proc.stderr:
@@ -293,7 +291,7 @@ def build(sources: Path, name: str, ops, *, cpu: str, tflm_root: Path, kernels: 
 def elf_sections(elf: Path, size_tool: str | None = None) -> dict:
     """``arm-none-eabi-size`` (Berkeley): text (code + read-only data), data, bss (NOLOAD sections,
     i.e. bss, heap and stack, count here)."""
-    proc = subprocess.run([size_tool or tool("arm-none-eabi-size"), str(elf)], capture_output=True, text=True)
+    proc = run_tool([size_tool or tool("arm-none-eabi-size"), str(elf)])
     rows = [ln.split() for ln in proc.stdout.splitlines()]
     if proc.returncode != 0 or len(rows) < 2 or not rows[1][0].isdigit():
         raise StageError(f"arm-none-eabi-size could not read {elf}")
@@ -325,11 +323,10 @@ def run_qemu(elf: Path, cpu: str, pixels: np.ndarray, *, timeout_s: float = 600)
         (Path(tmp) / "edgestar_inputs.bin").write_bytes(np.ascontiguousarray(pixels, np.uint8).tobytes())
         t0 = time.monotonic()
         try:
-            proc = subprocess.run([qemu, "-M", machine.name, "-nographic", "-monitor", "none", "-serial", "none",
-                                   "-semihosting-config", "enable=on,target=native", "-icount", "shift=0",
-                                   "-kernel", str(Path(elf).absolute())],
-                                  cwd=tmp, capture_output=True, text=True, timeout=timeout_s,
-                                  stdin=subprocess.DEVNULL)
+            proc = run_tool([qemu, "-M", machine.name, "-nographic", "-monitor", "none", "-serial", "none",
+                             "-semihosting-config", "enable=on,target=native", "-icount", "shift=0",
+                             "-kernel", str(Path(elf).absolute())], cwd=tmp, timeout=timeout_s,
+                            stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             raise StageError(f"the firmware did not finish on QEMU {machine.name} within {timeout_s:.0f} s") from None
         seconds = time.monotonic() - t0
