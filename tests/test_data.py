@@ -1,4 +1,3 @@
-import os
 import re
 import struct
 import zlib
@@ -6,6 +5,7 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
+from privileges import ran_without_override
 
 from edgestar.data.images import (Preprocessing, calibration_inputs, evaluation_set, list_images, load_array,
                                   load_rgb, preprocess_image, read_batches, save_nhwc, scan_image_folder)
@@ -407,11 +407,11 @@ def test_image_between_one_and_two_times_the_pixel_limit_is_refused(tmp_path, mo
         load_rgb(tmp_path / "big.png")
 
 
-def test_unreadable_image_and_folder(tmp_path, image_folder):
+def test_unreadable_image_and_folder(tmp_path, image_folder, request):
+    if ran_without_override(request):  # as root: in a child that file modes stop
+        return
     path = _save(tmp_path / "locked.png", Image.new("RGB", (4, 4)))
     path.chmod(0)
-    if os.access(path, os.R_OK):
-        pytest.skip("this user (root) reads files whatever their permissions")
     with pytest.raises(DataError, match="cannot read image .*locked.png: Permission denied"):
         load_rgb(path)
     (image_folder / "b").chmod(0)

@@ -493,7 +493,8 @@ def firmware(path, config: FirmwareConfig, *, log=None) -> dict:
 
     from edgestar.deploy.boards import format_verdict, get_board, verdict
     from edgestar.deploy.models import collect_models
-    from edgestar.files import atomic_write_bytes, ensure_writable_dir
+    from edgestar.files import atomic_write_bytes, check_can_create, ensure_writable_dir
+    from edgestar.pipeline.rundir import MANIFEST
 
     log = log or (lambda msg: None)
     board = get_board(config.board)
@@ -531,6 +532,18 @@ def firmware(path, config: FirmwareConfig, *, log=None) -> dict:
     facts_source = model
     name = facts.name
     out = Path(config.out) if config.out else model.parent / f"firmware-{board.name}"
+    check_can_create(out, "firmware folder")  # refused before any work, like every output
+    if build:
+        from edgestar.deploy.firmware_build import cache_root
+
+        try:
+            check_can_create(cache_root(), "TFLite Micro build cache")
+        except InputError as exc:
+            raise InputError(f"{exc}; set $EDGESTAR_CACHE to a writable folder") from None
+    recording = run_dir is not None and config.record and all(
+        os.access(p, os.W_OK) for p in (run_dir, run_dir / MANIFEST))  # a shared, read-only run is fine
+    if run_dir is not None and config.record and not recording:
+        log(f"{run_dir} is read-only: the result is not recorded in its manifest")
     if config.rotation == "app" and rotation(facts) == "graph":
         ensure_writable_dir(out)
         rotated = out / f"{model.stem}_rotation-app.tflite"
@@ -578,7 +591,8 @@ def firmware(path, config: FirmwareConfig, *, log=None) -> dict:
     if result["build"]:
         result["verdict_text"] = result["verdict_text"].replace(
             f"code {result['build']['code_bytes']:,} B", f"code {result['build']['code_bytes']:,} B (in the ELF)")
-    if run_dir is not None and config.record:
+    result["recorded_in"] = str(run_dir / MANIFEST) if recording else None
+    if recording:
         record(run_dir, result, source=facts_source)
     return result
 
