@@ -270,7 +270,7 @@ def test_adb_runs_benchmark_model_with_quoted_commands_and_cleans_up(tmp_path, m
     command = ("taskset f0 ./benchmark_model --graph=model_0.tflite --num_threads=1 "
                "--use_xnnpack=true --num_runs=2 --warmup_runs=5 --min_secs=0")
     assert runs[0] == (f"cd {folder} && if command -v timeout >/dev/null 2>&1; then timeout -s KILL 600 "
-                       f"{command}; else {command}; fi")
+                       f"{command} & else {command} & fi; echo $! > .edgestar.pid; wait $!")
     assert calls[-1][2:] == ["shell", f"rm -rf {folder}"]
     assert not any("PWNED" in " ".join(c) for c in calls)
     assert {(r["model"], r["threads"]) for r in result.rows} == {

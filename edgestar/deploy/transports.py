@@ -45,15 +45,26 @@ def _run(argv: list[str], timeout: float, what: str, input_text: str | None = No
         raise InputError(f"{argv[0]} is not installed here; {what} needs it") from None
 
 
+PID_FILE = ".edgestar.pid"  # in the device folder: the running command, for stopping it
+
+
 def with_deadline(argv: list[str], seconds: float) -> str:
     """The remote shell command running ``argv`` under the device's ``timeout`` (coreutils,
     busybox and Android's toybox have it; without it the command runs bare), so that nothing
-    keeps running on the board after the host gave up. No ``exec``: the shell then reports a
-    child killed by signal N as exit status 128 + N, where ssh itself would report 255."""
+    keeps running on the board after the host gave up. It runs as a background job whose pid
+    goes to ``PID_FILE``, so that an interrupted bench can stop it (:data:`STOP_COMMAND`:
+    ``timeout`` passes the signal on); ``wait`` then reports a child killed by signal N as
+    exit status 128 + N, where ssh itself would report 255."""
     words = remote_words(argv)
     limit = max(1, int(seconds))
-    return (f"if command -v timeout >/dev/null 2>&1; then timeout -s KILL {limit} {words}; "
-            f"else {words}; fi")
+    return (f"if command -v timeout >/dev/null 2>&1; then timeout -s KILL {limit} {words} & "
+            f"else {words} & fi; echo $! > {PID_FILE}; wait $!")
+
+
+def stop_command(folder: str) -> str:
+    """Stop what :func:`with_deadline` started in ``folder`` (if still running)."""
+    pid = shlex.quote(f"{folder}/{PID_FILE}")
+    return f"if [ -f {pid} ]; then kill -TERM \"$(cat {pid})\" 2>/dev/null; fi"
 
 
 def remote_words(argv: list[str]) -> str:
@@ -78,15 +89,15 @@ class Transport:
         self.folder = self.make_folder()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         if self.folder is not None:
-            self.remove_folder()
+            self.remove_folder(stop=exc_type is not None)  # interrupted or failed: stop what runs
             self.folder = None
 
     def make_folder(self) -> str: ...
     def push(self, files: list[Path]) -> None: ...
     def run(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess: ...
-    def remove_folder(self) -> None: ...
+    def remove_folder(self, stop: bool = False) -> None: ...
 
 
 class LocalTransport(Transport):
@@ -110,7 +121,7 @@ class LocalTransport(Transport):
         except subprocess.TimeoutExpired:
             raise Timeout(f"local: no result within {timeout:.0f} s; stopped it") from None
 
-    def remove_folder(self):
+    def remove_folder(self, stop: bool = False):  # the local runner dies with its parent
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -172,9 +183,11 @@ class SshTransport(Transport):
         command = f"cd {shlex.quote(self.folder)} && {with_deadline(argv, timeout)}"
         return self._ssh(command, timeout + 10, "running")
 
-    def remove_folder(self):
+    def remove_folder(self, stop: bool = False):
+        command = f"rm -rf -- {shlex.quote(self.folder)}"
         try:
-            proc = self._ssh(f"rm -rf -- {shlex.quote(self.folder)}", 30 + self.connect_timeout, "cleaning up")
+            proc = self._ssh(f"{stop_command(self.folder)}; {command}" if stop else command,
+                             30 + self.connect_timeout, "cleaning up")
             if proc.returncode != 0:
                 self.warnings.append(f"could not remove {self.folder} on {self.name}: {last_line(proc.stderr)}")
         except (InputError, StageError) as exc:
@@ -221,9 +234,11 @@ class AdbTransport(Transport):
     def run(self, argv, timeout):
         return self.shell(argv, timeout, "running")
 
-    def remove_folder(self):
+    def remove_folder(self, stop: bool = False):
+        command = shlex.join(["rm", "-rf", self.folder])
         try:
-            proc = self._adb(["shell", shlex.join(["rm", "-rf", self.folder])], 60, "cleaning up")
+            proc = self._adb(["shell", f"{stop_command(self.folder)}; {command}" if stop else command], 60,
+                             "cleaning up")
             if proc.returncode != 0:
                 self.warnings.append(f"could not remove {self.folder} on {self.name}")
         except (InputError, StageError) as exc:
