@@ -254,7 +254,6 @@ def _descendants(pid: int) -> list[int]:
 def _start_and_signal(args, sig, *, ready=None):
     """Start ``edgestar bench``, wait until it is timing (``ready()``, by default: its runner
     process is up, and a second more), signal it."""
-    import signal  # noqa: F401 - the caller's signal numbers
     import time
 
     proc = subprocess.Popen([sys.executable, "-m", "edgestar.cli", *map(str, args)], text=True,

@@ -65,3 +65,5 @@ def test_a_recorded_run_reproduces_byte_for_byte(tmp_path):
     assert notes == [f"note: reproduction of {tmp_path / 'a' / 'manifest.json'}: byte-identical to the recorded "
                      "run: fp32, int8, dynamic .tflite"], again.stdout
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["config"]["formats"] == ["dynamic"]
+    for name in ("model.onnx", "starnet_s050_32_int8.tflite"):  # the same inputs give the same bytes
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

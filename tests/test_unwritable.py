@@ -62,6 +62,26 @@ def read_only(tmp_path, demo_run):
                 folder.chmod(0o755)
 
 
+class _Result:
+    def __init__(self, returncode, stderr):
+        self.returncode, self.stderr = returncode, stderr
+
+
+def edgestar_here(*args, cwd):
+    """The CLI in this process (these commands refuse before importing anything heavy)."""
+    from click.testing import CliRunner
+
+    from edgestar.cli import cli
+
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        res = CliRunner().invoke(cli, [str(a) for a in args])
+    finally:
+        os.chdir(old)
+    return _Result(res.exit_code, res.output)
+
+
 def _one_line_refusal(res, *words):
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
@@ -85,7 +105,8 @@ def test_every_command_refuses_an_unwritable_output_before_any_work(read_only, d
         "bench saving into its read-only run": ["bench", read_only / "run", "--runs", "2", "-q"],
     }
     for what, args in cases.items():
-        res = edgestar(*args, cwd=tmp_path)
+        run = edgestar if args[0] in ("firmware", "bench") else edgestar_here
+        res = run(*args, cwd=tmp_path)
         line = _one_line_refusal(res, "not writable", "Read-only file system")
         assert "measuring" not in res.stderr and "decoded" not in res.stderr, (what, res.stderr)  # no work done
         assert "--no-save" in line if what.startswith("bench") else True
