@@ -19,10 +19,10 @@ TFLite quantizes it (onnx2tf would drop QDQ scales, so they are not exported as 
 deployed model uses the very ranges the model was trained with.
 
 Training distils the float model's logits (KL divergence), so labels are not needed and the
-objective is agreement with the model the user trusted. The training state is saved every few minutes and after every epoch
-when a ``state_path`` is given, and a later call with the same inputs resumes from it: every
-random choice (batch order, augmentation) is drawn from (seed, epoch, image), so a resumed run
-takes exactly the steps the uninterrupted run would have. Under ``torchrun`` the same function
+objective is agreement with the model the user trusted. Given a ``state_path``, the training
+state is saved every few minutes and after every epoch, and a later call with the same inputs
+resumes from it: every random choice (batch order, augmentation) is drawn from (seed, epoch,
+image), so a resumed run takes exactly the steps the uninterrupted run would have. Under ``torchrun`` the same function
 runs with DistributedDataParallel (gloo on CPU, nccl on GPUs): each process takes a slice of
 every global batch, and range statistics are reduced across processes so every process
 tracks identical ranges.
