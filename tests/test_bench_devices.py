@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import sshd
+from processes import alive, descendants
 
 pytestmark = [
     pytest.mark.e2e,
@@ -236,21 +237,6 @@ def test_ssh_with_a_benchmark_model_binary(demo_run, board, tmp_path):
 
 # --------------------------------------------------------------------------- interruptions (issue 15)
 
-def _descendants(pid: int) -> list[int]:
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    found, frontier = [], [pid]
-    while frontier:
-        frontier = [p for p, parent in parents.items() if parent in frontier]
-        found += frontier
-    return found
-
-
 def _start_and_signal(args, sig, *, ready=None):
     """Start ``edgestar bench``, wait until it is timing (``ready()``, by default: its runner
     process is up, and a second more), signal it."""
@@ -259,23 +245,15 @@ def _start_and_signal(args, sig, *, ready=None):
     proc = subprocess.Popen([sys.executable, "-m", "edgestar.cli", *map(str, args)], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not (ready() if ready else _descendants(proc.pid)):
+    while not (ready() if ready else descendants(proc.pid)):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
     time.sleep(1.0)  # well into the timing rounds
-    children = _descendants(proc.pid)
+    children = descendants(proc.pid)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     time.sleep(0.5)
-    return proc.returncode, err, [p for p in children if _alive(p)]
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie has ended: it only waits for a parent to collect its status)."""
-    try:
-        return (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    return proc.returncode, err, [p for p in children if alive(p)]
 
 
 @pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGKILL", -9)])  # SIGINT: test_interrupt.py

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from processes import descendants
 
 from edgestar.data.images import Preprocessing, batches, qat_images
 from edgestar.models.starnet import Block, fold_batchnorms
@@ -179,7 +180,7 @@ def test_ddp_qat_killed_mid_run_resumes_under_torchrun_to_the_uninterrupted_resu
     while not state.exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
         time.sleep(0.01)
-    for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun and both workers (own sessions)
+    for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun and both workers (own sessions)
         os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=60)
     assert not (tmp_path / "cut.pt").exists()
@@ -188,21 +189,3 @@ def test_ddp_qat_killed_mid_run_resumes_under_torchrun_to_the_uninterrupted_resu
     assert resumed["resumed_from_step"] == saved and 1 <= saved < whole["steps"]
     assert all(torch.equal(whole["weights"][k], resumed["weights"][k]) for k in whole["weights"])
     assert resumed["ranges"] == whole["ranges"]
-
-
-def _descendants(pid: int) -> list[int]:
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [pid]
-    while frontier:
-        children = [p for p, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
