@@ -8,7 +8,8 @@ manifest says it ended (``ok``, or ``failed_gate``) and was made from the same i
 ``sweep.key`` (set by the sweep when the run ends) is the hash of the quantize configuration,
 the tool versions and the inputs' fingerprints (checkpoint by content; image folders by file
 names, sizes and modification times; files by content). A sweep run again does only the
-combinations that are not complete: an interrupted or failed one is removed and redone.
+combinations that are not complete: a failed one is removed and redone, an interrupted one
+redone in place (its QAT resumes from its saved state).
 
 A combination that fails is recorded as a failed run (the stage and the error in its
 manifest, so the report shows it) and the sweep goes on; ``SweepResult.failed`` lists them.
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from edgestar.errors import EdgestarError, InputError, interrupt_name
 from edgestar.files import path_fingerprint
+from edgestar.pipeline.rundir import interrupted_run
 
 PRECISIONS = ("fp32", "fp16", "dynamic", "int8", "int8-qat")
 SWEEP_FILE = "sweep.json"
@@ -283,8 +285,8 @@ def sweep(config: SweepConfig, *, log=None, progress_factory=None) -> SweepResul
                          seconds=(manifest.get("timings_s") or {}).get("total"))
             log(f"[{i}/{len(combos)}] {combo.name}: complete, kept (same inputs, configuration and tools)")
         else:
-            if run.exists():
-                shutil.rmtree(run)  # an interrupted, failed or outdated run of this sweep
+            if run.exists() and not interrupted_run(run):  # quantize redoes an interrupted one in place,
+                shutil.rmtree(run)  # resuming its QAT; a failed or outdated run of this sweep goes
             log(f"[{i}/{len(combos)}] {combo.name}: quantize" + (" with QAT" if combo.qat else ""))
             entry.update(_run_combination(config, combo, key, progress_factory, log), reused=False)
             redone = True
