@@ -72,14 +72,28 @@ def run_tool(argv: list[str], *, timeout: float | None = None, **kwargs) -> subp
     process group of its own, and when edgestar stops while it runs (Ctrl-C, SIGTERM, an error,
     ``timeout``: then ``subprocess.TimeoutExpired`` as from ``subprocess.run``) the whole group
     is asked to stop with SIGTERM, on which make and gcc delete the file they were writing
-    (no truncated object is left to be linked later), and killed if still there after 5 s."""
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True, **kwargs) as proc:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except BaseException:
-            _stop_group(proc)
-            raise
+    (no truncated object is left to be linked later), and killed if still there after 5 s.
+
+    Ctrl-C and SIGTERM are held back while the tool starts (a signal arriving inside
+    ``Popen`` would leave a started tool unknown to us) and delivered once it can be stopped;
+    the tool itself starts with them unblocked."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+
+    def unblock():  # in the child, before exec
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+    try:
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True, preexec_fn=unblock, **kwargs) as proc:
+            try:
+                signal.pthread_sigmask(signal.SIG_SETMASK, before)  # a held signal is raised here
+                out, err = proc.communicate(timeout=timeout)
+            except BaseException:
+                _stop_group(proc)
+                raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 

@@ -38,3 +38,21 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"  # a zombie has ended (init reaps it)
     except FileNotFoundError:
         return False
+
+
+def test_a_tool_and_what_it_started_stop_with_edgestar(tmp_path):
+    """run_tool: Ctrl-C while a tool (here a shell that started a sleep) runs ends the whole
+    process group, and the KeyboardInterrupt reaches the caller."""
+    import threading
+    import time
+
+    from processes import alive
+
+    from edgestar.children import run_tool
+
+    pid_file = tmp_path / "sleep.pid"
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        run_tool(["sh", "-c", f"sleep 60 & echo $! > {pid_file}; wait"])
+    time.sleep(0.2)
+    assert not alive(int(pid_file.read_text()))

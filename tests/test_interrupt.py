@@ -80,8 +80,8 @@ def qat_reference(tmp_path_factory):
 # (no clean-up at all) or a signal edgestar handles. Input stages (load, calibration data) run
 # before the folder exists: a kill there leaves nothing to check.
 STOPS = [("fold", signal.SIGKILL), ("qat", signal.SIGKILL), ("export", signal.SIGKILL),
-         ("convert", signal.SIGTERM), ("convert", signal.SIGKILL), ("validate", signal.SIGINT),
-         ("validate", signal.SIGKILL), ("diagnose", signal.SIGKILL)]
+         ("convert", signal.SIGTERM), ("validate", signal.SIGINT), ("validate", signal.SIGKILL),
+         ("diagnose", signal.SIGKILL)]
 
 
 def _stop_in(stage, sig, run: Path, tmp_path: Path) -> tuple[int, dict]:

@@ -171,9 +171,9 @@ def test_ddp_qat_killed_mid_run_resumes_under_torchrun_to_the_uninterrupted_resu
     from edgestar.checkpointing import load_state
 
     images = _image_dir(tmp_path / "imgs", 16)  # 2 steps an epoch at the global batch of 8
-    whole = _torchrun(2, images, tmp_path / "whole.pt", tmp_path / "unused-state.pt", 15)
+    whole = _torchrun(2, images, tmp_path / "whole.pt", tmp_path / "unused-state.pt", 8)
     state = tmp_path / "state.pt"
-    proc = subprocess.Popen(_torchrun_command(2, images, tmp_path / "cut.pt", state, 15),
+    proc = subprocess.Popen(_torchrun_command(2, images, tmp_path / "cut.pt", state, 8),
                             env=dict(os.environ, OMP_NUM_THREADS="1"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
@@ -185,7 +185,7 @@ def test_ddp_qat_killed_mid_run_resumes_under_torchrun_to_the_uninterrupted_resu
     proc.wait(timeout=60)
     assert not (tmp_path / "cut.pt").exists()
     saved = load_state(state)["step"]
-    resumed = _torchrun(2, images, tmp_path / "cut.pt", state, 15)
+    resumed = _torchrun(2, images, tmp_path / "cut.pt", state, 8)
     assert resumed["resumed_from_step"] == saved and 1 <= saved < whole["steps"]
     assert all(torch.equal(whole["weights"][k], resumed["weights"][k]) for k in whole["weights"])
     assert resumed["ranges"] == whole["ranges"]
