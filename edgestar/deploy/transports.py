@@ -52,7 +52,7 @@ def with_deadline(argv: list[str], seconds: float) -> str:
     """The remote shell command running ``argv`` under the device's ``timeout`` (coreutils,
     busybox and Android's toybox have it; without it the command runs bare), so that nothing
     keeps running on the board after the host gave up. It runs as a background job whose pid
-    goes to ``PID_FILE``, so that an interrupted bench can stop it (:data:`STOP_COMMAND`:
+    goes to ``PID_FILE``, so that an interrupted bench can stop it (:func:`stop_command`:
     ``timeout`` passes the signal on); ``wait`` then reports a child killed by signal N as
     exit status 128 + N, where ssh itself would report 255."""
     words = remote_words(argv)
